@@ -1,0 +1,28 @@
+"""optstate: optimiser state for models whose weights are tied, shared or aliased.
+
+``state = setup(rule, model)`` finds the model's ties and keeps one rule state per unique
+parameter; ``state, model = update(state, model, grads)`` sums each parameter's gradients over
+its positions, applies the rule once, and puts the one new array back everywhere.
+"""
+
+from ._setup import setup as setup
+from ._state import Plan as Plan
+from ._state import State as State
+from ._ties import TieError as TieError
+from ._update import retie as retie
+from ._update import update as update
+from ._update import update_ as update_
+from ._walk import StructureError as StructureError
+from .rules import Adam as Adam
+from .rules import AdamW as AdamW
+from .rules import ClipGrad as ClipGrad
+from .rules import ClipNorm as ClipNorm
+from .rules import Descent as Descent
+from .rules import Momentum as Momentum
+from .rules import Nesterov as Nesterov
+from .rules import OptimiserChain as OptimiserChain
+from .rules import Rule as Rule
+from .rules import WeightDecay as WeightDecay
+from .transpose import Transpose as Transpose
+
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""The optimiser state: one rule state per unique parameter, the hyper-parameters as arrays, and
+the tie plan as static structure.
+
+``State`` is a pytree. Its leaves are arrays (the rules' moments and counters, and the
+hyper-parameters), so it goes through ``jax.jit`` and can be donated or sharded; its static part
+is the ``Plan``: the model's structure, which positions share which parameter, and the structure of
+each rule. Two states with equal plans and same-shaped arrays reuse one compiled step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from ._ties import Param, Slot
+from .rules._base import Rule
+
+
+class Plan:
+    """The static part of a state: model structure, tie plan and rule structures (hashable)."""
+
+    __slots__ = ("treedef", "slots", "params", "rules", "param_rules", "_hash")
+
+    def __init__(
+        self,
+        treedef: Any,
+        slots: tuple[Slot | None, ...],
+        params: tuple[Param, ...],
+        rules: tuple[Rule, ...],
+        param_rules: tuple[int, ...],
+    ) -> None:
+        self.treedef = treedef
+        self.slots = slots
+        self.params = params
+        self.rules = rules  # with their hyper-parameters taken out: those live in the state
+        self.param_rules = param_rules  # index into ``rules``, per parameter
+        self._hash = hash((treedef, slots, params, rules, param_rules))
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.treedef, self.slots, self.params, self.rules, self.param_rules)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, Plan) and self._hash == other._hash and self._key() == other._key()
+        )
+
+    @property
+    def n_ties(self) -> int:
+        """How many parameters sit at more than one position."""
+        return sum(len(p.positions) > 1 for p in self.params)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class State:
+    """What ``setup`` returns and ``update`` advances.
+
+    Attributes:
+        states: one rule state per unique parameter, in the order of their first positions.
+        hyper: the hyper-parameters of each rule, as 0-d arrays (changing them does not recompile).
+        plan: the static tie plan (see ``Plan``).
+    """
+
+    __slots__ = ("states", "hyper", "plan")
+
+    def __init__(self, states: Sequence[Any], hyper: Sequence[Any], plan: Plan) -> None:
+        self.states = tuple(states)
+        self.hyper = tuple(hyper)
+        self.plan = plan
+
+    def tree_flatten_with_keys(self) -> tuple[Any, Plan]:
+        key = jax.tree_util.GetAttrKey
+        return ((key("states"), self.states), (key("hyper"), self.hyper)), self.plan
+
+    @classmethod
+    def tree_unflatten(cls, plan: Plan, children: Any) -> State:
+        return cls(children[0], children[1], plan)
+
+    def __repr__(self) -> str:
+        rules = ", ".join(_rule_name(r) for r in self.plan.rules)
+        n = len(self.plan.params)
+        return f"State({rules}; {n} parameters, {self.plan.n_ties} tied)"
+
+
+def _rule_name(rule: Rule) -> str:
+    return rule.name()

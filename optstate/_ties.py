@@ -1,0 +1,145 @@
+"""Which positions of a model hold the same parameter.
+
+Three kinds of tie, found without any annotation:
+
+* the same array object at several positions;
+* ``Transpose(p)`` at a position: the parameter is ``p``, seen transposed;
+* NumPy views: a leaf that is ``W.T`` (or any axis permutation of ``W``, or ``W`` itself through
+  another view object) shares ``W``'s memory and is the same parameter in another orientation.
+
+Any other memory overlap between two leaves (a slice, a reshape, a partial overlap) cannot be
+trained as one parameter and is refused. Only floating and complex arrays are parameters: equal
+values are never a tie, and numbers, strings, functions and integer arrays are never trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import _arrays
+from ._arrays import Perm
+from ._walk import unwrap
+
+
+class Slot(NamedTuple):
+    """Where a position's array comes from: ``wrap(permute(base, perm), depth)``."""
+
+    param: int  # index of the unique parameter
+    perm: Perm  # the leaf is ``base.transpose(perm)``: NumPy views only
+    depth: int  # how many ``Transpose`` nodes wrap the leaf
+
+
+class Param(NamedTuple):
+    """One unique parameter: its positions, and the shape and dtype of its base orientation."""
+
+    primary: int  # a position whose leaf is the base array itself
+    positions: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class TieError(ValueError):
+    """Two positions overlap in memory in a way that cannot be trained as one parameter."""
+
+
+def orientation(slot: Slot, ndim: int, depth: int | None = None) -> Perm:
+    """The axis order, relative to the base, of the array ``depth`` Transpose layers out from
+    the leaf of ``slot`` (all of them by default)."""
+    layers = slot.depth if depth is None else depth
+    return _arrays.reverse(slot.perm, ndim) if layers % 2 else slot.perm
+
+
+class _Groups:
+    """Union-find over candidate objects (by index)."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+
+def find_ties(
+    leaves: list[Any], paths: Callable[[], list[str]]
+) -> tuple[tuple[Slot | None, ...], tuple[Param, ...]]:
+    """The tie plan of a flattened model: a slot per position and the unique parameters.
+
+    ``paths`` gives the positions' names; it is only called to write an error message.
+    """
+    objects: list[Any] = []  # distinct trainable arrays, in order of first position
+    index: dict[int, int] = {}  # id(array) -> its index in ``objects``
+    where: list[list[tuple[int, int]]] = []  # per object: (position, depth) pairs
+    for pos, leaf in enumerate(leaves):
+        x, depth = unwrap(leaf)
+        if not _arrays.is_trainable(x):
+            continue
+        k = index.get(id(x))
+        if k is None:
+            k = index[id(x)] = len(objects)
+            objects.append(x)
+            where.append([])
+        where[k].append((pos, depth))
+
+    groups = _Groups(len(objects))
+    for i, j in _overlapping_numpy_pairs(objects):
+        a, b = objects[i], objects[j]
+        if not _arrays.shares_memory(a, b):
+            continue  # interleaved but disjoint, e.g. two columns of one matrix
+        if _arrays.view_permutation(a, b) is False:
+            names = paths()
+            raise TieError(
+                f"{names[where[i][0][0]]} and {names[where[j][0][0]]} share memory, but neither is "
+                "the other or its transpose (a slice, a reshape or a partial overlap cannot be "
+                "trained as one parameter). Got shapes "
+                f"{a.shape} and {b.shape}, strides {a.strides} and {b.strides}, byte offsets "
+                f"{_arrays.byte_bounds(a)[0]} and {_arrays.byte_bounds(b)[0]}. Pass a copy "
+                "(`x.copy()`) for an independent parameter, or the same array (or "
+                "`optstate.Transpose(x)`) for a tie."
+            )
+        groups.union(i, j)
+
+    members: dict[int, list[int]] = {}
+    for k in range(len(objects)):
+        members.setdefault(groups.find(k), []).append(k)
+
+    slots: list[Slot | None] = [None] * len(leaves)
+    params: list[Param] = []
+    for group in sorted(members.values(), key=lambda ks: where[ks[0]][0][0]):
+        # The base orientation is the array that owns its memory if the group has one.
+        root = next((k for k in group if getattr(objects[k], "base", 0) is None), group[0])
+        base = objects[root]
+        p = len(params)
+        positions = []
+        for k in group:
+            perm = None if k == root else _arrays.view_permutation(base, objects[k])
+            assert perm is not False  # a permutation of a permutation of the root's layout
+            for pos, depth in where[k]:
+                slots[pos] = Slot(p, perm, depth)
+                positions.append(pos)
+        params.append(
+            Param(where[root][0][0], tuple(sorted(positions)), tuple(base.shape), str(base.dtype))
+        )
+    return tuple(slots), tuple(params)
+
+
+def _overlapping_numpy_pairs(objects: list[Any]) -> list[tuple[int, int]]:
+    """Pairs of NumPy arrays whose byte ranges intersect, by a sweep over sorted start bytes."""
+    spans = sorted(
+        (*_arrays.byte_bounds(x), k)
+        for k, x in enumerate(objects)
+        if _arrays.is_numpy(x) and x.size > 0
+    )
+    pairs = []
+    open_spans: list[tuple[int, int]] = []  # (end, k) of spans that may still overlap
+    for lo, hi, k in spans:
+        open_spans = [(end, j) for end, j in open_spans if end > lo]
+        pairs.extend((j, k) if j < k else (k, j) for _, j in open_spans)
+        open_spans.append((hi, k))
+    return pairs

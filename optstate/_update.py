@@ -1,0 +1,264 @@
+"""``update`` and ``update_``: gather each parameter's gradients, apply its rule once, and put the
+one new array back at every position.
+
+Data flows one way: model -> positions -> (tie plan) -> one summed gradient per parameter -> rule
+-> one new array per parameter -> positions -> model. Every check runs before anything is computed
+or written, so a bad call leaves state and model as they were.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _arrays
+from ._state import Plan, State
+from ._ties import Slot, TieError, orientation
+from ._walk import StructureError, flatten, gather, path_strings, unwrap, wrap
+from .transpose import Transpose
+
+
+def update(state: State, model: Any, grads: Any) -> tuple[State, Any]:
+    """One optimisation step: ``state, model = update(state, model, grads)``.
+
+    ``grads`` is the structural gradient, the model's structure with each position's own partial
+    gradient (what ``jax.grad`` returns). ``None`` stands for a leaf or a whole branch without a
+    gradient. At a ``Transpose`` position the gradient is either a ``Transpose`` holding it in the
+    parent's orientation (what ``jax.grad`` gives) or a dense array in the transposed orientation.
+
+    For every unique parameter the gradients of all its positions are brought to the parameter's
+    orientation and summed, the rule runs once, and the one new array goes back to every position:
+    the same object, re-wrapped in ``Transpose`` where there was one, as a view of the new array
+    where a NumPy view was. A parameter without any gradient keeps its array and its state. Inputs
+    are not modified. Works under ``jax.jit``, where the state's tie plan stands in for identity.
+
+    Example:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = (w, w)                      # one parameter at two positions
+        >>> state = ost.setup(ost.Momentum(0.1, momentum=0.9), model)
+        >>> state, model = ost.update(state, model, (np.array([3.0, 3.0]), np.array([7.0, 7.0])))
+        >>> model[0], model[0] is model[1]
+        (array([0., 1.]), True)
+
+    Raises:
+        StructureError: ``model`` or ``grads`` does not have the structure the state was set up for.
+        TieError: a tie of the model was broken or a new one made since ``setup``.
+        ValueError: a gradient's shape fits neither the parameter nor, at a ``Transpose``, its
+            transpose; a parameter's shape or dtype changed since ``setup``.
+        TypeError: ``state`` is not a ``State``, or a gradient is not an array.
+    """
+    return _step(state, model, grads, in_place=False)
+
+
+def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
+    """``update``, writing each new parameter into its array where that array is writable (NumPy),
+    so views and ties held elsewhere see the step. Returns ``(state, model)`` like ``update``; the
+    written arrays are the same objects as before. JAX arrays are immutable: for them it is
+    ``update``. The state is not written in place.
+    """
+    return _step(state, model, grads, in_place=True)
+
+
+def retie(state: State, model: Any) -> Any:
+    """The model with its ties restored from the state's tie plan.
+
+    ``jax.jit`` returns a separate array for every output position, so after a user's own jitted
+    step a tied weight is held by several equal arrays. ``retie`` puts one array back at all
+    positions of each parameter (the one at the parameter's first direct position), so that eager
+    ``update`` calls and a later ``setup`` see the tie again and memory holds one copy.
+    """
+    plan = _plan(state)
+    leaves, treedef = flatten(model)
+    _check_structure(plan, treedef, model)
+    bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
+    return treedef.unflatten(_place(plan, leaves, bases, changed=[True] * len(bases)))
+
+
+def _plan(state: Any) -> Plan:
+    if not isinstance(state, State):
+        raise TypeError(
+            f"expected the State returned by optstate.setup, got {type(state).__name__}; "
+            "the call is update(state, model, grads)"
+        )
+    return state.plan
+
+
+def _step(state: State, model: Any, grads: Any, *, in_place: bool) -> tuple[State, Any]:
+    plan = _plan(state)
+    leaves, treedef = flatten(model)
+    _check_structure(plan, treedef, model)
+    bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
+    _check_model(plan, leaves, bases, model)
+    per_position = gather(plan.treedef, model, grads)
+    summed = _sum_gradients(plan, bases, per_position, model)
+
+    new_states = list(state.states)
+    new_bases = list(bases)
+    for k, (base, grad) in enumerate(zip(bases, summed, strict=True)):
+        if grad is None:
+            continue  # no gradient anywhere: the parameter and its state stay as they are
+        r = plan.param_rules[k]
+        rule_state, step = plan.rules[r].apply(state.hyper[r], state.states[k], base, grad)
+        if _arrays.is_numpy(base) and base.ndim == 0:
+            rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
+        new_states[k] = rule_state
+        new_bases[k] = _arrays.as_array(_arrays.namespace(base).astype(base - step, base.dtype), base)
+
+    changed = [g is not None for g in summed]
+    if in_place:
+        for k, base in enumerate(bases):
+            if changed[k] and _arrays.writable(base):
+                _arrays.write_(base, new_bases[k])
+                changed[k] = False  # every position already holds the new values
+    new_leaves = _place(plan, leaves, new_bases, changed)
+    return State(new_states, state.hyper, plan), treedef.unflatten(new_leaves)
+
+
+def _place(plan: Plan, leaves: list[Any], bases: list[Any], changed: list[bool]) -> list[Any]:
+    """Every position's new leaf: the parameter's new array, oriented and wrapped as before."""
+    out = list(leaves)
+    views: dict[tuple[int, Any], Any] = {}
+    for pos, slot in enumerate(plan.slots):
+        if slot is None or not changed[slot.param]:
+            continue
+        key = (slot.param, slot.perm)
+        view = views.get(key)
+        if view is None:
+            view = views[key] = _arrays.permute(bases[slot.param], slot.perm)
+        out[pos] = wrap(view, slot.depth)
+    return out
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def _check_structure(plan: Plan, treedef: Any, model: Any) -> None:
+    if treedef == plan.treedef:
+        return
+    expected = path_strings(plan.treedef.unflatten([0] * plan.treedef.num_leaves))
+    actual = path_strings(model)
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    detail = ""
+    if missing:
+        detail += f"; positions missing from the model: {', '.join(missing[:5])}"
+    if extra:
+        detail += f"; positions the state does not know: {', '.join(extra[:5])}"
+    raise StructureError(
+        "the model does not have the structure the state was set up for (a state set up for a "
+        f"different model?){detail}. Expected {plan.treedef}, got {treedef}"
+    )
+
+
+def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) -> None:
+    """The model still has the parameters and ties the state was set up for."""
+    problem = _first_problem(plan, leaves, bases)
+    if problem is not None:
+        kind, pos, other, message = problem
+        names = path_strings(model)
+        text = message.format(path=names[pos], other=names[other] if other is not None else "")
+        raise (TieError if kind == "tie" else ValueError)(text)
+
+
+def _first_problem(
+    plan: Plan, leaves: list[Any], bases: list[Any]
+) -> tuple[str, int, int | None, str] | None:
+    for k, (param, base) in enumerate(zip(plan.params, bases, strict=True)):
+        if not _arrays.is_trainable(base):
+            return ("value", param.primary, None, "{path} was a parameter at setup but is now "
+                    f"{_describe(base)}; a state set up for a different model?")
+        if tuple(base.shape) != param.shape or str(base.dtype) != param.dtype:
+            return ("value", param.primary, None,
+                    "{path} changed since setup: the state is for "
+                    f"{param.dtype}{list(param.shape)}, the model holds {_describe(base)} "
+                    "(a state set up for a different model?)")
+    seen: dict[int, int] = {}
+    for pos, slot in enumerate(plan.slots):
+        x, depth = unwrap(leaves[pos])
+        if slot is None:
+            if _arrays.is_trainable(x):
+                return ("value", pos, None, "{path} holds a parameter "
+                        f"({_describe(x)}) that was not there at setup; call setup again")
+            continue
+        param = plan.params[slot.param]
+        if depth != slot.depth:
+            return ("value", pos, None, f"{{path}} had {slot.depth} Transpose layer(s) at setup, "
+                    f"now {depth}")
+        base = bases[slot.param]
+        if _arrays.is_tracer(base):
+            continue  # under jit identity means nothing: the plan stands for the ties
+        if pos == param.primary:
+            if seen.setdefault(id(base), slot.param) != slot.param:
+                first = plan.params[seen[id(base)]].primary
+                return ("tie", pos, first, "{path} and {other} hold the same array now, but were "
+                        "separate parameters at setup; call setup again to train them as one")
+            continue
+        if x is base or (_arrays.is_numpy(x) and _arrays.view_permutation(base, x) == slot.perm
+                         and _arrays.is_numpy(base)):
+            continue
+        return ("tie", pos, param.primary, "the tie between {other} and {path} is broken: they "
+                "held one parameter at setup but now hold different arrays. After a jitted step "
+                "(which returns a separate array per position) call optstate.retie(state, model); "
+                "to untie on purpose, call setup again")
+    return None
+
+
+def _describe(x: Any) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} {x.dtype}{list(x.shape)}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _sum_gradients(
+    plan: Plan, bases: list[Any], per_position: list[Any], model: Any
+) -> list[Any]:
+    """One gradient per parameter, in its base orientation (``None`` if no position has one)."""
+    sums: list[Any] = [None] * len(bases)
+    for pos, slot in enumerate(plan.slots):
+        if slot is None or per_position[pos] is None:
+            continue
+        g = _oriented(slot, bases[slot.param], per_position[pos], pos, model)
+        if g is None:
+            continue
+        k = slot.param
+        sums[k] = g if sums[k] is None else sums[k] + g
+    return sums
+
+
+def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> Any:
+    """A position's gradient mapped to the parameter's orientation and dtype."""
+    remaining = slot.depth
+    while remaining and isinstance(g, Transpose):
+        g, remaining = g.parent, remaining - 1
+    if g is None:
+        return None
+
+    def fail(message: str, error: type[Exception] = ValueError) -> Exception:
+        return error(message.format(path="grads" + path_strings(model)[pos].removeprefix("model")))
+
+    if isinstance(g, Transpose):
+        raise fail("the gradient at {path} is a Transpose, but the model holds no Transpose "
+                   "there; give a plain array")
+    if not (hasattr(g, "shape") or isinstance(g, numbers.Number | list | tuple)):
+        raise fail(f"the gradient at {{path}} must be an array (or None), got {type(g).__name__}",
+                   TypeError)
+    if _arrays.is_complex(np.asarray(g) if not hasattr(g, "dtype") else g) and not _arrays.is_complex(
+        base
+    ):
+        raise fail(f"the gradient at {{path}} is complex ({getattr(g, 'dtype', 'complex')}) but "
+                   f"the parameter is real ({base.dtype})")
+    orient = orientation(slot, base.ndim, remaining)
+    expected = tuple(base.shape) if orient is None else tuple(base.shape[a] for a in orient)
+    g = _arrays.coerce(g, base)
+    if tuple(g.shape) != expected:
+        hint = ""
+        if remaining and tuple(g.shape) == tuple(base.shape):
+            hint = (" (a dense gradient at a Transpose position is in the transposed orientation; "
+                    "wrap one in the parent's orientation as optstate.Transpose(g))")
+        raise fail(f"the gradient at {{path}} has shape {tuple(g.shape)}, expected {expected}"
+                   f"{' (the transpose of the parameter)' if remaining else ''}{hint}")
+    return _arrays.permute(g, _arrays.inverse(orient))

@@ -1,0 +1,81 @@
+"""The rule contract, and the small array helpers rules share.
+
+A rule is a frozen dataclass. It knows nothing of trees or ties: it sees one parameter and its
+summed gradient at a time, and turns them into the *step* that is subtracted from the parameter,
+``p_new = p - step`` (so ``Descent`` returns ``lr * g``).
+
+* ``hyper()``: the hyper-parameters, a small tree of numbers. ``setup`` stores them in the state as
+  0-d arrays, so they can change between compiled steps without recompiling.
+* ``init(param)``: the rule's state for one parameter (a tuple of arrays, possibly empty).
+* ``apply(hyper, state, param, grad)``: ``(new_state, step)``. It reads hyper-parameters from
+  ``hyper``, never from ``self``, and computes with the functions of the arrays' own namespace
+  (``xp = namespace(grad)``), so one implementation serves NumPy, JAX and PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, ClassVar
+
+from .._arrays import namespace
+
+__all__ = ["Rule", "namespace"]
+
+
+class Rule:
+    """Base class of every rule (see the module docstring for the contract)."""
+
+    hyper_names: ClassVar[tuple[str, ...]] = ()
+
+    def hyper(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.hyper_names}
+
+    def structure(self) -> Rule:
+        """The rule with its hyper-parameters taken out: the static part of a state."""
+        return dataclasses.replace(self, **{name: None for name in self.hyper_names})  # type: ignore[type-var]
+
+    def init(self, param: Any) -> Any:
+        del param
+        return ()
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def name(self) -> str:
+        return type(self).__name__
+
+    def _check(self) -> None:
+        """Every hyper-parameter is a real number (``None`` only in a ``structure()``)."""
+        for name in self.hyper_names:
+            value = getattr(self, name)
+            flat = value if isinstance(value, tuple) else (value,)
+            if value is None or all(v is None for v in flat):
+                continue
+            if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in flat):
+                raise TypeError(
+                    f"{type(self).__name__}({name}=...) must be a real number"
+                    f"{' or a tuple of them' if isinstance(value, tuple) else ''}, got {value!r}"
+                )
+
+
+def real_dtype(xp: Any, x: Any) -> Any:
+    """``float32`` for ``complex64``, the dtype itself for real arrays."""
+    return xp.finfo(x.dtype).dtype
+
+
+def scalars(xp: Any, dtype: Any, *values: Any) -> tuple[Any, ...]:
+    """Hyper-parameters as 0-d arrays of ``dtype``, so arithmetic keeps the parameter's dtype."""
+    return tuple(xp.asarray(v, dtype=dtype) for v in values)
+
+
+def abs2(xp: Any, g: Any) -> Any:
+    """``|g|**2``, real-valued also for complex ``g``."""
+    if xp.isdtype(g.dtype, "complex floating"):
+        return xp.real(g) ** 2 + xp.imag(g) ** 2
+    return g * g
+
+
+def cast(xp: Any, x: Any, dtype: Any) -> Any:
+    """``x`` as ``dtype``, without a copy when it already is."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)

@@ -1,0 +1,111 @@
+"""Adam and AdamW."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from ._base import Rule, abs2, cast, namespace, real_dtype, scalars
+
+
+class AdamState(NamedTuple):
+    mu: Any  # first moment m, the parameter's dtype
+    nu: Any  # second moment v, real-valued (the real dtype of a complex parameter)
+    count: Any  # steps taken by this parameter, int32
+
+
+def _init(param: Any) -> AdamState:
+    xp = namespace(param)
+    return AdamState(
+        mu=xp.zeros_like(param),
+        nu=xp.zeros_like(param, dtype=real_dtype(xp, param)),
+        count=xp.zeros((), dtype=xp.int32),
+    )
+
+
+def _direction(hyper: Any, state: AdamState, grad: Any) -> tuple[AdamState, Any]:
+    """Advance the moments; return them and the bias-corrected ``m_hat / (sqrt(v_hat) + eps)``."""
+    xp = namespace(grad)
+    dtype, real = grad.dtype, real_dtype(xp, grad)
+    beta1, beta2 = hyper["betas"]
+    (b1,) = scalars(xp, dtype, beta1)
+    b1_real, b2, eps = scalars(xp, real, beta1, beta2, hyper["eps"])
+    count = xp.asarray(state.count + 1)
+    mu = b1 * state.mu + (1 - b1) * grad
+    nu = b2 * state.nu + (1 - b2) * abs2(xp, grad)
+    t = cast(xp, count, real)
+    mu_hat = mu / cast(xp, xp.asarray(1 - b1_real**t), dtype)
+    nu_hat = nu / (1 - b2**t)
+    return AdamState(mu, nu, count), mu_hat / cast(xp, xp.sqrt(nu_hat) + eps, dtype)
+
+
+@dataclass(frozen=True)
+class Adam(Rule):
+    r"""Adam: ``Adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, |g|^2, \\
+        p \leftarrow p - \eta\, \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``,
+    and :math:`t` the number of steps this parameter has taken (a parameter that receives no
+    gradient does not advance). :math:`\epsilon` is added outside the square root. Reproduces
+    ``torch.optim.Adam`` and ``optax.adam`` (whose arithmetic agrees); for complex parameters
+    :math:`v` is real, as in optax.
+
+    Reference: Kingma and Ba, *Adam: A Method for Stochastic Optimization* (ICLR 2015),
+    https://arxiv.org/abs/1412.6980
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def init(self, param: Any) -> AdamState:
+        return _init(param)
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        state, direction = _direction(hyper, state, grad)
+        (lr,) = scalars(namespace(grad), grad.dtype, hyper["lr"])
+        return state, lr * direction
+
+
+@dataclass(frozen=True)
+class AdamW(Rule):
+    r"""Adam with decoupled weight decay:
+    ``AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)``.
+
+    .. math::
+        p \leftarrow p - \eta \left( \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda\, p \right)
+
+    with :math:`\hat m, \hat v` the bias-corrected moments of ``Adam`` and :math:`\lambda` =
+    ``weight_decay``; the decay acts on the parameter, not through the moments. Reproduces
+    ``torch.optim.AdamW`` (default ``weight_decay=1e-2``) and ``optax.adamw``.
+
+    Reference: Loshchilov and Hutter, *Decoupled Weight Decay Regularization* (ICLR 2019),
+    https://arxiv.org/abs/1711.05101
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "weight_decay")
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def init(self, param: Any) -> AdamState:
+        return _init(param)
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        state, direction = _direction(hyper, state, grad)
+        xp = namespace(grad)
+        lr, decay = scalars(xp, grad.dtype, hyper["lr"], hyper["weight_decay"])
+        return state, lr * (direction + decay * param)

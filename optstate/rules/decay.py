@@ -1,0 +1,32 @@
+"""Weight decay added to the gradient (L2 regularisation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._base import Rule, namespace, scalars
+
+
+@dataclass(frozen=True)
+class WeightDecay(Rule):
+    r"""Weight decay as an L2 term: ``WeightDecay(weight_decay=5e-4)``.
+
+    .. math:: g \leftarrow g + \lambda\, p
+
+    with :math:`\lambda` = ``weight_decay``. Chained before a rule, it gives that rule an L2 penalty
+    (``OptimiserChain(WeightDecay(5e-4), Momentum(0.1))`` is ``torch.optim.SGD(..., weight_decay=5e-4)``);
+    for decay decoupled from Adam's moments use ``AdamW``. Reproduces
+    ``optax.add_decayed_weights(weight_decay)``.
+    """
+
+    weight_decay: float = 5e-4
+    hyper_names: ClassVar[tuple[str, ...]] = ("weight_decay",)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        xp = namespace(grad)
+        (decay,) = scalars(xp, grad.dtype, hyper["weight_decay"])
+        return state, grad + decay * param

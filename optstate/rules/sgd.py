@@ -1,0 +1,102 @@
+"""Gradient descent, with and without momentum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from ._base import Rule, namespace, scalars
+
+
+@dataclass(frozen=True)
+class Descent(Rule):
+    r"""Plain gradient descent: ``Descent(lr=0.1)``.
+
+    .. math:: p \leftarrow p - \eta\, g
+
+    with :math:`\eta` = ``lr``. Reproduces ``torch.optim.SGD(lr)`` and ``optax.sgd(lr)``.
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+    """
+
+    lr: float = 0.1
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr",)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp = namespace(grad)
+        (lr,) = scalars(xp, grad.dtype, hyper["lr"])
+        return state, lr * grad
+
+
+class MomentumState(NamedTuple):
+    velocity: Any  # b in the docstrings below
+
+
+@dataclass(frozen=True)
+class Momentum(Rule):
+    r"""Heavy-ball momentum: ``Momentum(lr=0.01, momentum=0.9)``.
+
+    .. math::
+        b \leftarrow \mu\, b + g, \qquad p \leftarrow p - \eta\, b
+
+    with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` and :math:`b` starting at zero. This is
+    the arithmetic of ``torch.optim.SGD(lr, momentum)`` (``dampening=0``) and of
+    ``optax.sgd(lr, momentum)``, which this rule reproduces. With a constant learning rate it equals
+    Optimisers.jl's form ``v = mu v + lr g; p -= v``.
+
+    Reference: Polyak, *Some methods of speeding up the convergence of iteration methods* (1964).
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "momentum")
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def init(self, param: Any) -> MomentumState:
+        return MomentumState(namespace(param).zeros_like(param))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp = namespace(grad)
+        lr, mu = scalars(xp, grad.dtype, hyper["lr"], hyper["momentum"])
+        velocity = mu * state.velocity + grad
+        return MomentumState(velocity), lr * velocity
+
+
+@dataclass(frozen=True)
+class Nesterov(Rule):
+    r"""Nesterov momentum: ``Nesterov(lr=0.001, momentum=0.9)``.
+
+    .. math::
+        b \leftarrow \mu\, b + g, \qquad p \leftarrow p - \eta\,(g + \mu\, b)
+
+    with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` and :math:`b` starting at zero. Reproduces
+    ``torch.optim.SGD(lr, momentum, nesterov=True)`` and ``optax.sgd(lr, momentum, nesterov=True)``.
+
+    Reference: Sutskever et al., *On the importance of initialization and momentum in deep
+    learning* (ICML 2013), after Nesterov (1983).
+    """
+
+    lr: float = 0.001
+    momentum: float = 0.9
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "momentum")
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def init(self, param: Any) -> MomentumState:
+        return MomentumState(namespace(param).zeros_like(param))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp = namespace(grad)
+        lr, mu = scalars(xp, grad.dtype, hyper["lr"], hyper["momentum"])
+        velocity = mu * state.velocity + grad
+        return MomentumState(velocity), lr * (grad + mu * velocity)
