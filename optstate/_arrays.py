@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import array_api_compat
 import jax
@@ -103,7 +103,7 @@ def _axes(x: np.ndarray) -> list[tuple[int, int | None]]:
     return [(n, s if n != 1 else None) for n, s in zip(x.shape, x.strides, strict=True)]
 
 
-def view_permutation(root: np.ndarray, view: np.ndarray) -> Perm | bool:
+def view_permutation(root: np.ndarray, view: np.ndarray) -> Perm | Literal[False]:
     """How ``view`` sits on ``root``'s memory: ``None`` if it is the same layout, a permutation
     ``perm`` if ``view`` is ``root.transpose(perm)``, ``False`` otherwise."""
     if (

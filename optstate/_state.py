@@ -21,7 +21,7 @@ from .rules._base import Rule
 class Plan:
     """The static part of a state: model structure, tie plan and rule structures (hashable)."""
 
-    __slots__ = ("treedef", "slots", "params", "rules", "param_rules", "_hash")
+    __slots__ = ("_hash", "param_rules", "params", "rules", "slots", "treedef")
 
     def __init__(
         self,
@@ -65,7 +65,7 @@ class State:
         plan: the static tie plan (see ``Plan``).
     """
 
-    __slots__ = ("states", "hyper", "plan")
+    __slots__ = ("hyper", "plan", "states")
 
     def __init__(self, states: Sequence[Any], hyper: Sequence[Any], plan: Plan) -> None:
         self.states = tuple(states)

@@ -112,14 +112,17 @@ def find_ties(
     slots: list[Slot | None] = [None] * len(leaves)
     params: list[Param] = []
     for group in sorted(members.values(), key=lambda ks: where[ks[0]][0][0]):
-        # The base orientation is the array that owns its memory if the group has one.
-        root = next((k for k in group if getattr(objects[k], "base", 0) is None), group[0])
+        # The base orientation: the array that owns the memory, else a C-contiguous one.
+        root = min(group, key=lambda k: _root_rank(objects[k]))
         base = objects[root]
         p = len(params)
         positions = []
         for k in group:
             perm = None if k == root else _arrays.view_permutation(base, objects[k])
-            assert perm is not False  # a permutation of a permutation of the root's layout
+            if perm is False:  # cannot happen: permutations of permutations of the root's layout
+                raise TieError(
+                    f"inconsistent views of one array: {base.shape} and {objects[k].shape}"
+                )
             for pos, depth in where[k]:
                 slots[pos] = Slot(p, perm, depth)
                 positions.append(pos)
@@ -129,6 +132,12 @@ def find_ties(
     return tuple(slots), tuple(params)
 
 
+def _root_rank(x: Any) -> int:
+    if not _arrays.is_numpy(x):
+        return 0
+    return 0 if x.base is None else 1 if x.flags.c_contiguous else 2
+
+
 def _overlapping_numpy_pairs(objects: list[Any]) -> list[tuple[int, int]]:
     """Pairs of NumPy arrays whose byte ranges intersect, by a sweep over sorted start bytes."""
     spans = sorted(
@@ -136,7 +145,7 @@ def _overlapping_numpy_pairs(objects: list[Any]) -> list[tuple[int, int]]:
         for k, x in enumerate(objects)
         if _arrays.is_numpy(x) and x.size > 0
     )
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     open_spans: list[tuple[int, int]] = []  # (end, k) of spans that may still overlap
     for lo, hi, k in spans:
         open_spans = [(end, j) for end, j in open_spans if end > lo]

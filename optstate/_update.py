@@ -106,7 +106,9 @@ def _step(state: State, model: Any, grads: Any, *, in_place: bool) -> tuple[Stat
         if _arrays.is_numpy(base) and base.ndim == 0:
             rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
         new_states[k] = rule_state
-        new_bases[k] = _arrays.as_array(_arrays.namespace(base).astype(base - step, base.dtype), base)
+        new_bases[k] = _arrays.as_array(
+            _arrays.namespace(base).astype(base - step, base.dtype), base
+        )
 
     changed = [g is not None for g in summed]
     if in_place:
@@ -167,43 +169,74 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
 def _first_problem(
     plan: Plan, leaves: list[Any], bases: list[Any]
 ) -> tuple[str, int, int | None, str] | None:
-    for k, (param, base) in enumerate(zip(plan.params, bases, strict=True)):
+    for _k, (param, base) in enumerate(zip(plan.params, bases, strict=True)):
         if not _arrays.is_trainable(base):
-            return ("value", param.primary, None, "{path} was a parameter at setup but is now "
-                    f"{_describe(base)}; a state set up for a different model?")
+            return (
+                "value",
+                param.primary,
+                None,
+                "{path} was a parameter at setup but is now "
+                f"{_describe(base)}; a state set up for a different model?",
+            )
         if tuple(base.shape) != param.shape or str(base.dtype) != param.dtype:
-            return ("value", param.primary, None,
-                    "{path} changed since setup: the state is for "
-                    f"{param.dtype}{list(param.shape)}, the model holds {_describe(base)} "
-                    "(a state set up for a different model?)")
+            return (
+                "value",
+                param.primary,
+                None,
+                "{path} changed since setup: the state is for "
+                f"{param.dtype}{list(param.shape)}, the model holds {_describe(base)} "
+                "(a state set up for a different model?)",
+            )
     seen: dict[int, int] = {}
     for pos, slot in enumerate(plan.slots):
         x, depth = unwrap(leaves[pos])
         if slot is None:
             if _arrays.is_trainable(x):
-                return ("value", pos, None, "{path} holds a parameter "
-                        f"({_describe(x)}) that was not there at setup; call setup again")
+                return (
+                    "value",
+                    pos,
+                    None,
+                    "{path} holds a parameter "
+                    f"({_describe(x)}) that was not there at setup; call setup again",
+                )
             continue
         param = plan.params[slot.param]
         if depth != slot.depth:
-            return ("value", pos, None, f"{{path}} had {slot.depth} Transpose layer(s) at setup, "
-                    f"now {depth}")
+            return (
+                "value",
+                pos,
+                None,
+                f"{{path}} had {slot.depth} Transpose layer(s) at setup, now {depth}",
+            )
         base = bases[slot.param]
         if _arrays.is_tracer(base):
             continue  # under jit identity means nothing: the plan stands for the ties
         if pos == param.primary:
             if seen.setdefault(id(base), slot.param) != slot.param:
                 first = plan.params[seen[id(base)]].primary
-                return ("tie", pos, first, "{path} and {other} hold the same array now, but were "
-                        "separate parameters at setup; call setup again to train them as one")
+                return (
+                    "tie",
+                    pos,
+                    first,
+                    "{path} and {other} hold the same array now, but were "
+                    "separate parameters at setup; call setup again to train them as one",
+                )
             continue
-        if x is base or (_arrays.is_numpy(x) and _arrays.view_permutation(base, x) == slot.perm
-                         and _arrays.is_numpy(base)):
+        if x is base or (
+            _arrays.is_numpy(x)
+            and _arrays.view_permutation(base, x) == slot.perm
+            and _arrays.is_numpy(base)
+        ):
             continue
-        return ("tie", pos, param.primary, "the tie between {other} and {path} is broken: they "
-                "held one parameter at setup but now hold different arrays. After a jitted step "
-                "(which returns a separate array per position) call optstate.retie(state, model); "
-                "to untie on purpose, call setup again")
+        return (
+            "tie",
+            pos,
+            param.primary,
+            "the tie between {other} and {path} is broken: they "
+            "held one parameter at setup but now hold different arrays. After a jitted step "
+            "(which returns a separate array per position) call optstate.retie(state, model); "
+            "to untie on purpose, call setup again",
+        )
     return None
 
 
@@ -213,9 +246,7 @@ def _describe(x: Any) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
-def _sum_gradients(
-    plan: Plan, bases: list[Any], per_position: list[Any], model: Any
-) -> list[Any]:
+def _sum_gradients(plan: Plan, bases: list[Any], per_position: list[Any], model: Any) -> list[Any]:
     """One gradient per parameter, in its base orientation (``None`` if no position has one)."""
     sums: list[Any] = [None] * len(bases)
     for pos, slot in enumerate(plan.slots):
@@ -241,24 +272,34 @@ def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> Any:
         return error(message.format(path="grads" + path_strings(model)[pos].removeprefix("model")))
 
     if isinstance(g, Transpose):
-        raise fail("the gradient at {path} is a Transpose, but the model holds no Transpose "
-                   "there; give a plain array")
+        raise fail(
+            "the gradient at {path} is a Transpose, but the model holds no Transpose "
+            "there; give a plain array"
+        )
     if not (hasattr(g, "shape") or isinstance(g, numbers.Number | list | tuple)):
-        raise fail(f"the gradient at {{path}} must be an array (or None), got {type(g).__name__}",
-                   TypeError)
-    if _arrays.is_complex(np.asarray(g) if not hasattr(g, "dtype") else g) and not _arrays.is_complex(
-        base
-    ):
-        raise fail(f"the gradient at {{path}} is complex ({getattr(g, 'dtype', 'complex')}) but "
-                   f"the parameter is real ({base.dtype})")
+        raise fail(
+            f"the gradient at {{path}} must be an array (or None), got {type(g).__name__}",
+            TypeError,
+        )
+    if _arrays.is_complex(
+        np.asarray(g) if not hasattr(g, "dtype") else g
+    ) and not _arrays.is_complex(base):
+        raise fail(
+            f"the gradient at {{path}} is complex ({getattr(g, 'dtype', 'complex')}) but "
+            f"the parameter is real ({base.dtype})"
+        )
     orient = orientation(slot, base.ndim, remaining)
     expected = tuple(base.shape) if orient is None else tuple(base.shape[a] for a in orient)
     g = _arrays.coerce(g, base)
     if tuple(g.shape) != expected:
         hint = ""
         if remaining and tuple(g.shape) == tuple(base.shape):
-            hint = (" (a dense gradient at a Transpose position is in the transposed orientation; "
-                    "wrap one in the parent's orientation as optstate.Transpose(g))")
-        raise fail(f"the gradient at {{path}} has shape {tuple(g.shape)}, expected {expected}"
-                   f"{' (the transpose of the parameter)' if remaining else ''}{hint}")
+            hint = (
+                " (a dense gradient at a Transpose position is in the transposed orientation; "
+                "wrap one in the parent's orientation as optstate.Transpose(g))"
+            )
+        raise fail(
+            f"the gradient at {{path}} has shape {tuple(g.shape)}, expected {expected}"
+            f"{' (the transpose of the parameter)' if remaining else ''}{hint}"
+        )
     return _arrays.permute(g, _arrays.inverse(orient))

@@ -45,8 +45,14 @@ class StructureError(ValueError):
     """A tree does not have the structure it was expected to have."""
 
 
-def _one_level(node: Any) -> tuple[list[Any], PyTreeDef]:
-    return jax.tree_util.tree_flatten(node, is_leaf=lambda child: child is not node)
+def _children(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """A node's ``(key, child)`` pairs and its one-level structure; no structure for a position."""
+    if is_transpose(node):
+        return [], None
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda c: c is not node)
+    if len(keyed) == 1 and keyed[0][1] is node:  # a leaf flattens to itself
+        return [], None
+    return keyed, treedef
 
 
 def _describe(treedef: PyTreeDef) -> str:
@@ -60,7 +66,7 @@ def gather(treedef: PyTreeDef, model: Any, grads: Any) -> list[Any]:
     position's entry is whatever ``grads`` holds there: an array, a ``Transpose``, or ``None``.
     """
     try:
-        return treedef.flatten_up_to(grads)
+        return list(treedef.flatten_up_to(grads))
     except (ValueError, TypeError):
         pass  # a ``None`` branch, or a real mismatch: the slow walk tells them apart
     out: list[Any] = []
@@ -70,22 +76,20 @@ def gather(treedef: PyTreeDef, model: Any, grads: Any) -> list[Any]:
         if g is None:
             out.extend([None] * len(flatten(m)[0]))
             continue
-        m_children, m_def = _one_level(m) if not is_transpose(m) else ([m], None)
-        if m_def is None or (len(m_children) == 1 and m_children[0] is m):
-            out.append(g)  # a position: the model holds a leaf here
+        m_children, m_def = _children(m)
+        if m_def is None:
+            out.append(g)  # a position: the model holds a leaf (or a Transpose) here
             continue
-        g_children, g_def = _one_level(g)
-        g_is_leaf = len(g_children) == 1 and g_children[0] is g
-        if g_is_leaf or g_def != m_def:
-            got = type(g).__name__ if g_is_leaf else _describe(g_def)
+        g_children, g_def = _children(g)
+        if g_def != m_def:
+            got = type(g).__name__ if g_def is None else _describe(g_def)
             raise StructureError(
                 f"the gradient does not have the model's structure at grads{path}: "
                 f"expected {_describe(m_def)}, got {got}"
             )
-        keyed, _ = jax.tree_util.tree_flatten_with_path(m, is_leaf=lambda c: c is not m)
-        names = [jax.tree_util.keystr(k) for k, _ in keyed]
+        pairs = zip(m_children, g_children, strict=True)
         stack.extend(
-            (mc, gc, path + name)
-            for mc, gc, name in reversed(list(zip(m_children, g_children, names, strict=True)))
+            (mc, gc, path + jax.tree_util.keystr(key))
+            for (key, mc), (_, gc) in reversed(list(pairs))
         )
     return out

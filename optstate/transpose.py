@@ -83,7 +83,7 @@ class Transpose:
         return other @ self.parent.T
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        out = np.asarray(self.parent, dtype=dtype).T
+        out: np.ndarray = np.asarray(self.parent, dtype=dtype).T
         return out.copy() if copy else out
 
     def __jax_array__(self) -> jax.Array:

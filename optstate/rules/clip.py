@@ -47,10 +47,11 @@ class ClipNorm(Rule):
 
     with :math:`c` = ``max_norm`` and :math:`\lVert g \rVert_p` the ``p``-norm of the whole summed
     gradient of one parameter (``p`` may be ``math.inf``). A gradient within the bound passes
-    unchanged. Reproduces ``optax.clip_by_global_norm(max_norm)`` applied to one parameter at a time,
-    and Optimisers.jl's ``ClipNorm``.
+    unchanged. Reproduces ``optax.clip_by_global_norm(max_norm)`` applied to one parameter at a
+    time, and Optimisers.jl's ``ClipNorm``.
 
-    Reference: Pascanu et al., *On the difficulty of training recurrent neural networks* (ICML 2013).
+    Reference: Pascanu et al., *On the difficulty of training recurrent neural networks*
+    (ICML 2013).
     """
 
     max_norm: float = 10.0
@@ -60,7 +61,9 @@ class ClipNorm(Rule):
     def __post_init__(self) -> None:
         self._check()
         if not (isinstance(self.p, int | float) and self.p > 0):
-            raise ValueError(f"ClipNorm(p=...) must be a positive number or math.inf, got {self.p!r}")
+            raise ValueError(
+                f"ClipNorm(p=...) must be a positive number or math.inf, got {self.p!r}"
+            )
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param

@@ -14,9 +14,10 @@ class WeightDecay(Rule):
 
     .. math:: g \leftarrow g + \lambda\, p
 
-    with :math:`\lambda` = ``weight_decay``. Chained before a rule, it gives that rule an L2 penalty
-    (``OptimiserChain(WeightDecay(5e-4), Momentum(0.1))`` is ``torch.optim.SGD(..., weight_decay=5e-4)``);
-    for decay decoupled from Adam's moments use ``AdamW``. Reproduces
+    with :math:`\lambda` = ``weight_decay``. Chained before a rule, it gives that rule an L2
+    penalty: ``OptimiserChain(WeightDecay(5e-4), Momentum(0.1))`` is
+    ``torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)``. For decay decoupled from Adam's
+    moments use ``AdamW``. Reproduces
     ``optax.add_decayed_weights(weight_decay)``.
     """
 

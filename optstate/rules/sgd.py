@@ -77,8 +77,9 @@ class Nesterov(Rule):
     .. math::
         b \leftarrow \mu\, b + g, \qquad p \leftarrow p - \eta\,(g + \mu\, b)
 
-    with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` and :math:`b` starting at zero. Reproduces
-    ``torch.optim.SGD(lr, momentum, nesterov=True)`` and ``optax.sgd(lr, momentum, nesterov=True)``.
+    with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` and :math:`b` starting at zero.
+    Reproduces ``torch.optim.SGD(lr, momentum, nesterov=True)`` and
+    ``optax.sgd(lr, momentum, nesterov=True)``.
 
     Reference: Sutskever et al., *On the importance of initialization and momentum in deep
     learning* (ICML 2013), after Nesterov (1983).
