@@ -1,0 +1,23 @@
+"""Every Python block of the README and of docs/ runs, in order, one namespace per file."""
+
+import re
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_code_blocks_run(page):
+    blocks = BLOCK.findall(page.read_text())
+    assert blocks, f"{page.name} has no python blocks"
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    # Documentation shows everyday code, written without the suite's strict promotion rules.
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        for i, block in enumerate(blocks):
+            code = compile(block, f"{page.name}[block {i}]", "exec")
+            exec(code, namespace)
