@@ -72,6 +72,11 @@ def coerce(g: Any, like: Any) -> Any:
     return jnp.asarray(g, dtype=like.dtype)
 
 
+def cast(x: Any, dtype: Any) -> Any:
+    """``x`` as ``dtype``, without a copy when it already is."""
+    return x if x.dtype == dtype else namespace(x).astype(x, dtype)
+
+
 def permute(x: Any, perm: Perm) -> Any:
     return x if perm is None else x.transpose(perm)
 
@@ -126,6 +131,11 @@ def view_permutation(root: np.ndarray, view: np.ndarray) -> Perm | Literal[False
         if [have[i] for i in perm] == want:
             return perm
     return False
+
+
+def same_view(base: Any, x: Any, perm: Perm) -> bool:
+    """``x`` is the NumPy view ``base.transpose(perm)`` (or the same layout, for ``None``)."""
+    return is_numpy(base) and is_numpy(x) and view_permutation(base, x) == perm
 
 
 def writable(x: Any) -> bool:

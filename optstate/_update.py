@@ -106,9 +106,7 @@ def _step(state: State, model: Any, grads: Any, *, in_place: bool) -> tuple[Stat
         if _arrays.is_numpy(base) and base.ndim == 0:
             rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
         new_states[k] = rule_state
-        new_bases[k] = _arrays.as_array(
-            _arrays.namespace(base).astype(base - step, base.dtype), base
-        )
+        new_bases[k] = _arrays.as_array(_arrays.cast(base - step, base.dtype), base)
 
     changed = [g is not None for g in summed]
     if in_place:
@@ -158,86 +156,55 @@ def _check_structure(plan: Plan, treedef: Any, model: Any) -> None:
 
 def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) -> None:
     """The model still has the parameters and ties the state was set up for."""
-    problem = _first_problem(plan, leaves, bases)
-    if problem is not None:
-        kind, pos, other, message = problem
-        names = path_strings(model)
-        text = message.format(path=names[pos], other=names[other] if other is not None else "")
-        raise (TieError if kind == "tie" else ValueError)(text)
 
+    def name(pos: int) -> str:  # paths cost a walk over the model: only for a message
+        return path_strings(model)[pos]
 
-def _first_problem(
-    plan: Plan, leaves: list[Any], bases: list[Any]
-) -> tuple[str, int, int | None, str] | None:
-    for _k, (param, base) in enumerate(zip(plan.params, bases, strict=True)):
+    for param, base in zip(plan.params, bases, strict=True):
         if not _arrays.is_trainable(base):
-            return (
-                "value",
-                param.primary,
-                None,
-                "{path} was a parameter at setup but is now "
-                f"{_describe(base)}; a state set up for a different model?",
+            raise ValueError(
+                f"{name(param.primary)} was a parameter at setup but is now {_describe(base)}; "
+                "a state set up for a different model?"
             )
         if tuple(base.shape) != param.shape or str(base.dtype) != param.dtype:
-            return (
-                "value",
-                param.primary,
-                None,
-                "{path} changed since setup: the state is for "
+            raise ValueError(
+                f"{name(param.primary)} changed since setup: the state is for "
                 f"{param.dtype}{list(param.shape)}, the model holds {_describe(base)} "
-                "(a state set up for a different model?)",
+                "(a state set up for a different model?)"
             )
-    seen: dict[int, int] = {}
+    owner: dict[int, int] = {}  # id(base array) -> the parameter it belongs to
     for pos, slot in enumerate(plan.slots):
         x, depth = unwrap(leaves[pos])
         if slot is None:
             if _arrays.is_trainable(x):
-                return (
-                    "value",
-                    pos,
-                    None,
-                    "{path} holds a parameter "
-                    f"({_describe(x)}) that was not there at setup; call setup again",
+                raise ValueError(
+                    f"{name(pos)} holds a parameter ({_describe(x)}) that was not there at "
+                    "setup; call setup again"
                 )
             continue
-        param = plan.params[slot.param]
         if depth != slot.depth:
-            return (
-                "value",
-                pos,
-                None,
-                f"{{path}} had {slot.depth} Transpose layer(s) at setup, now {depth}",
+            raise ValueError(
+                f"{name(pos)} had {slot.depth} Transpose layer(s) at setup, now {depth}"
             )
         base = bases[slot.param]
         if _arrays.is_tracer(base):
             continue  # under jit identity means nothing: the plan stands for the ties
-        if pos == param.primary:
-            if seen.setdefault(id(base), slot.param) != slot.param:
-                first = plan.params[seen[id(base)]].primary
-                return (
-                    "tie",
-                    pos,
-                    first,
-                    "{path} and {other} hold the same array now, but were "
-                    "separate parameters at setup; call setup again to train them as one",
+        primary = plan.params[slot.param].primary
+        if pos == primary:
+            first = owner.setdefault(id(base), slot.param)
+            if first != slot.param:
+                raise TieError(
+                    f"{name(pos)} and {name(plan.params[first].primary)} hold the same array "
+                    "now, but were separate parameters at setup; call setup again to train "
+                    "them as one"
                 )
-            continue
-        if x is base or (
-            _arrays.is_numpy(x)
-            and _arrays.view_permutation(base, x) == slot.perm
-            and _arrays.is_numpy(base)
-        ):
-            continue
-        return (
-            "tie",
-            pos,
-            param.primary,
-            "the tie between {other} and {path} is broken: they "
-            "held one parameter at setup but now hold different arrays. After a jitted step "
-            "(which returns a separate array per position) call optstate.retie(state, model); "
-            "to untie on purpose, call setup again",
-        )
-    return None
+        elif not (x is base or _arrays.same_view(base, x, slot.perm)):
+            raise TieError(
+                f"the tie between {name(primary)} and {name(pos)} is broken: they held one "
+                "parameter at setup but now hold different arrays. After a jitted step (which "
+                "returns a separate array per position) call optstate.retie(state, model); to "
+                "untie on purpose, call setup again"
+            )
 
 
 def _describe(x: Any) -> str:

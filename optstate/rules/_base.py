@@ -18,9 +18,9 @@ import dataclasses
 import numbers
 from typing import Any, ClassVar
 
-from .._arrays import namespace
+from .._arrays import cast, namespace
 
-__all__ = ["Rule", "namespace"]
+__all__ = ["Rule", "cast", "namespace"]
 
 
 class Rule:
@@ -74,8 +74,3 @@ def abs2(xp: Any, g: Any) -> Any:
     if xp.isdtype(g.dtype, "complex floating"):
         return xp.real(g) ** 2 + xp.imag(g) ** 2
     return g * g
-
-
-def cast(xp: Any, x: Any, dtype: Any) -> Any:
-    """``x`` as ``dtype``, without a copy when it already is."""
-    return x if x.dtype == dtype else xp.astype(x, dtype)

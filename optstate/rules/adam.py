@@ -33,10 +33,10 @@ def _direction(hyper: Any, state: AdamState, grad: Any) -> tuple[AdamState, Any]
     count = xp.asarray(state.count + 1)
     mu = b1 * state.mu + (1 - b1) * grad
     nu = b2 * state.nu + (1 - b2) * abs2(xp, grad)
-    t = cast(xp, count, real)
-    mu_hat = mu / cast(xp, xp.asarray(1 - b1_real**t), dtype)
+    t = cast(count, real)
+    mu_hat = mu / cast(xp.asarray(1 - b1_real**t), dtype)
     nu_hat = nu / (1 - b2**t)
-    return AdamState(mu, nu, count), mu_hat / cast(xp, xp.sqrt(nu_hat) + eps, dtype)
+    return AdamState(mu, nu, count), mu_hat / cast(xp.sqrt(nu_hat) + eps, dtype)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class ClipGrad(Rule):
             re = xp.clip(xp.real(grad), -delta, delta)
             im = xp.clip(xp.imag(grad), -delta, delta)
             one_j = xp.asarray(1j, dtype=grad.dtype)
-            return state, cast(xp, re, grad.dtype) + one_j * cast(xp, im, grad.dtype)
+            return state, cast(re, grad.dtype) + one_j * cast(im, grad.dtype)
         return state, xp.clip(grad, -delta, delta)
 
 
@@ -73,4 +73,4 @@ class ClipNorm(Rule):
         norm = xp.linalg.vector_norm(grad, ord=order)
         # bound / max(norm, bound) is exactly 1 within the bound and never divides by zero.
         scale = bound / xp.maximum(norm, bound)
-        return state, grad * cast(xp, xp.asarray(scale), grad.dtype)
+        return state, grad * cast(xp.asarray(scale), grad.dtype)
