@@ -57,7 +57,7 @@ def load_data(seed: int) -> tuple[jax.Array, jax.Array]:
 
 def init_tied(key: jax.Array, n_in: int, n_hidden: int) -> Model:
     """The tied model: the decoder's weight is the encoder's, transposed (one array, no copy)."""
-    w = jax.random.normal(key, (n_in, n_hidden)) / np.sqrt(n_in)
+    w = jax.random.normal(key, (n_in, n_hidden)) * n_in**-0.5
     return {
         "enc": {"w": w, "b": jnp.zeros(n_hidden)},
         "dec": {"w": ost.Transpose(w), "b": jnp.zeros(n_in)},
@@ -66,8 +66,8 @@ def init_tied(key: jax.Array, n_in: int, n_hidden: int) -> Model:
 
 def reconstruct(model: Model, x: jax.Array) -> jax.Array:
     """Encode, decode. ``model["dec"]["w"]`` may be a ``Transpose`` or a plain array."""
-    h = jnp.tanh(x @ model["enc"]["w"] + model["enc"]["b"])
-    return jax.nn.sigmoid(h @ model["dec"]["w"] + model["dec"]["b"])
+    h = jnp.tanh(x @ model["enc"]["w"] + model["enc"]["b"][None, :])
+    return jax.nn.sigmoid(h @ model["dec"]["w"] + model["dec"]["b"][None, :])
 
 
 def loss_fn(model: Model, x: jax.Array) -> jax.Array:
@@ -104,7 +104,9 @@ def tie_drift(model: Model) -> float:
 @jax.jit
 def optstate_step(state: ost.State, model: Model, x: jax.Array) -> tuple[ost.State, Model]:
     """One Adam step with optstate: structural gradient in, one update per parameter."""
-    grads = jax.grad(loss_fn)(model, x)  # grads["dec"]["w"] is a Transpose of dL/dW there
+    # One partial gradient per position; grads["dec"]["w"] is a Transpose holding the decoder's
+    # part in W's orientation. update sums the two, runs Adam once and writes W to both places.
+    grads = jax.grad(loss_fn)(model, x)
     return ost.update(state, model, grads)
 
 
