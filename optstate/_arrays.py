@@ -53,6 +53,13 @@ def hyper_array(value: float, like: Any) -> Any:
     return np.asarray(value, dtype=np.float64)
 
 
+def counter(like: Any) -> Any:
+    """A 0-d int32 zero in the namespace of the model's arrays: the state's step count."""
+    if like is not None and is_jax(like):
+        return jnp.zeros((), dtype=jnp.int32)
+    return np.zeros((), dtype=np.int32)
+
+
 def as_array(x: Any, like: Any) -> Any:
     """NumPy turns 0-d results into scalars; keep them 0-d arrays so they stay trainable."""
     if is_numpy(like) and not isinstance(x, np.ndarray):

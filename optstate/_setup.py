@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from . import _arrays
 from ._state import Plan, State
-from ._ties import find_ties
-from ._walk import flatten, path_strings, unwrap
+from ._ties import Param, TieError, find_ties
+from ._walk import Key, StructureError, flatten, path_strings, position_keys, unwrap
 from .rules._base import Rule
 
+RuleSpec = Rule | Callable[[tuple[Key, ...]], Rule | None] | Any  # or a tree prefix of rules
 
-def setup(rule: Rule, model: Any) -> State:
-    """The optimiser state of ``model`` under ``rule``: one rule state per unique parameter.
+
+def setup(rule: RuleSpec, model: Any) -> State:
+    """The optimiser state of ``model``: one rule state per unique parameter.
 
     ``model`` is any pytree (dicts, lists, tuples, namedtuples, registered dataclasses, Equinox
     modules, Flax parameter dicts). Its parameters are its floating and complex arrays (NumPy or
@@ -22,30 +25,117 @@ def setup(rule: Rule, model: Any) -> State:
     positions (the same array object, ``Transpose(p)``, or a NumPy view such as ``W.T``) gets a
     single state, and ``update`` sums its gradients before the rule sees them.
 
+    ``rule`` is one rule for every parameter; or a tree of rules that is a prefix of the model
+    (``{"encoder": Adam(1e-3), "decoder": Descent(0.1)}``), each rule for the parameters below it;
+    or a function from a position's path (a tuple of keys such as ``("dec", "b")``) to a rule.
+    ``None`` in place of a rule leaves those parameters untrained. A tied parameter whose
+    positions would get different rules is an error.
+
     Call ``setup`` outside ``jax.jit``: inside, every position is a fresh tracer and ties cannot be
     seen. The returned state carries the tie plan, so a jitted ``update`` keeps applying it.
 
     Example:
         >>> import numpy as np, optstate as ost
         >>> w = np.ones((2, 3))
-        >>> state = ost.setup(ost.Momentum(0.1), {"enc": w, "dec": ost.Transpose(w)})
-        >>> state
+        >>> ost.setup(ost.Momentum(0.1), {"enc": w, "dec": ost.Transpose(w)})
         State(Momentum; 1 parameters, 1 tied)
+        >>> ost.setup(lambda path: ost.Descent(0.1) if path[-1] == "b" else ost.Adam(),
+        ...           {"w": w, "b": np.zeros(3)})
+        State(Descent, Adam; 2 parameters, 0 tied)
 
     Raises:
-        TypeError: ``rule`` is not an optstate rule.
-        TieError: two leaves overlap in memory in a way that is not a tie (a slice or reshape).
+        TypeError: ``rule`` is not a rule, a tree of rules or a function giving rules.
+        StructureError: a tree of rules that is not a prefix of the model.
+        TieError: two leaves overlap in memory in a way that is not a tie (a slice or reshape),
+            or one parameter would get two different rules.
     """
-    if not isinstance(rule, Rule):
-        hint = " (a rule class: call it, e.g. Adam())" if isinstance(rule, type) else ""
-        raise TypeError(
-            f"setup expects an optstate rule such as optstate.Adam(1e-3){hint}; "
-            f"got {rule!r} of type {type(rule).__name__}"
-        )
     leaves, treedef = flatten(model)
     slots, params = find_ties(leaves, lambda: path_strings(model))
+    per_position = _rules_per_position(rule, model, [s is not None for s in slots])
+    rules, param_rules = _assign(per_position, params, lambda: path_strings(model))
+
     bases = [unwrap(leaves[p.primary])[0] for p in params]
     like = bases[0] if bases else None
-    hyper = jax.tree_util.tree_map(lambda v: _arrays.hyper_array(v, like), rule.hyper())
-    plan = Plan(treedef, slots, params, (rule.structure(),), (0,) * len(params))
-    return State([rule.init(base) for base in bases], [hyper], plan)
+    hyper = [
+        jax.tree_util.tree_map(lambda v: _arrays.hyper_array(v, like), r.hyper()) for r in rules
+    ]
+    states = [rules[r].init(b) if r >= 0 else () for r, b in zip(param_rules, bases, strict=True)]
+    plan = Plan(treedef, slots, params, tuple(r.structure() for r in rules), param_rules)
+    return State(states, hyper, _arrays.counter(like), plan)
+
+
+def _not_a_rule(spec: Any) -> TypeError:
+    hint = " (a rule class: call it, e.g. Adam())" if isinstance(spec, type) else ""
+    return TypeError(
+        "setup expects an optstate rule such as optstate.Adam(1e-3), a tree of rules matching "
+        f"the model, or a function from a path to a rule{hint}; got {spec!r} of type "
+        f"{type(spec).__name__}"
+    )
+
+
+def _rules_per_position(spec: Any, model: Any, trainable: list[bool]) -> list[Rule | None]:
+    if isinstance(spec, Rule):
+        return [spec] * len(trainable)
+    if isinstance(spec, type):
+        raise _not_a_rule(spec)
+    if callable(spec):
+        keys = position_keys(model)
+        out: list[Rule | None] = []
+        for pos, key in enumerate(keys):
+            chosen = spec(key) if trainable[pos] else None
+            if chosen is not None and not isinstance(chosen, Rule):
+                raise TypeError(
+                    f"the rule function returned {chosen!r} for the path {key}; "
+                    "it must return an optstate rule or None"
+                )
+            out.append(chosen)
+        return out
+
+    def is_rule_leaf(x: Any) -> bool:
+        return x is None or isinstance(x, Rule)
+
+    flat, rules_def_ = jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_rule_leaf)
+    rules_def: Any = rules_def_
+    if not any(isinstance(r, Rule) for _, r in flat):
+        raise _not_a_rule(spec)
+    for path, r in flat:
+        if not is_rule_leaf(r):
+            raise TypeError(
+                f"rules{jax.tree_util.keystr(path)} is {r!r}; a tree of rules holds optstate "
+                "rules (or None for parameters left untrained)"
+            )
+    try:
+        subtrees = rules_def.flatten_up_to(model)
+    except (ValueError, TypeError) as err:
+        raise StructureError(
+            f"the tree of rules is not a prefix of the model's structure: {err}. Rules: "
+            f"{rules_def}; model: {jax.tree_util.tree_structure(model)}"
+        ) from None
+    return [r for (_, r), sub in zip(flat, subtrees, strict=True) for _ in flatten(sub)[0]]
+
+
+def _assign(
+    per_position: list[Rule | None], params: tuple[Param, ...], paths: Callable[[], list[str]]
+) -> tuple[list[Rule], tuple[int, ...]]:
+    """The distinct rules, and each parameter's index into them (-1: untrained)."""
+    rules: list[Rule] = []
+    index: dict[Rule, int] = {}
+    param_rules = []
+    for param in params:
+        first = param.positions[0]
+        rule = per_position[first]
+        for pos in param.positions[1:]:
+            if per_position[pos] != rule:
+                names = paths()
+                raise TieError(
+                    f"{names[first]} and {names[pos]} hold one parameter but were given "
+                    f"different rules: {rule!r} and {per_position[pos]!r}"
+                )
+        if rule is None:
+            param_rules.append(-1)
+            continue
+        if rule not in index:
+            index[rule] = len(rules)
+            rules.append(rule)
+        param_rules.append(index[rule])
+    return rules, tuple(param_rules)

@@ -19,9 +19,12 @@ from .rules._base import Rule
 
 
 class Plan:
-    """The static part of a state: model structure, tie plan and rule structures (hashable)."""
+    """The static part of a state: model structure, tie plan, rule structures, frozen flags.
 
-    __slots__ = ("_hash", "param_rules", "params", "rules", "slots", "treedef")
+    Hashable and compared by value, so a jitted ``update`` compiles once per plan.
+    """
+
+    __slots__ = ("_hash", "frozen", "groups", "param_rules", "params", "rules", "slots", "treedef")
 
     def __init__(
         self,
@@ -30,16 +33,32 @@ class Plan:
         params: tuple[Param, ...],
         rules: tuple[Rule, ...],
         param_rules: tuple[int, ...],
+        frozen: tuple[bool, ...] | None = None,
     ) -> None:
         self.treedef = treedef
         self.slots = slots
         self.params = params
         self.rules = rules  # with their hyper-parameters taken out: those live in the state
-        self.param_rules = param_rules  # index into ``rules``, per parameter
-        self._hash = hash((treedef, slots, params, rules, param_rules))
+        self.param_rules = param_rules  # per parameter: index into ``rules``; -1 for no rule
+        self.frozen = frozen if frozen is not None else (False,) * len(params)
+        self.groups = tuple(  # per rule: its parameters
+            tuple(k for k, r in enumerate(param_rules) if r == i) for i in range(len(rules))
+        )
+        self._hash = hash(self._key())
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.treedef, self.slots, self.params, self.rules, self.param_rules)
+        return (self.treedef, self.slots, self.params, self.rules, self.param_rules, self.frozen)
+
+    def replace(self, **changes: Any) -> Plan:
+        fields = dict(
+            treedef=self.treedef,
+            slots=self.slots,
+            params=self.params,
+            rules=self.rules,
+            param_rules=self.param_rules,
+            frozen=self.frozen,
+        )
+        return Plan(**{**fields, **changes})
 
     def __hash__(self) -> int:
         return self._hash
@@ -61,29 +80,44 @@ class State:
 
     Attributes:
         states: one rule state per unique parameter, in the order of their first positions.
-        hyper: the hyper-parameters of each rule, as 0-d arrays (changing them does not recompile).
+        hyper: the hyper-parameters of each rule, as 0-d arrays and schedules of them (changing
+            them with ``adjust`` does not recompile).
+        step: how many times ``update`` has run (the clock of schedules), a 0-d int32 array.
         plan: the static tie plan (see ``Plan``).
     """
 
-    __slots__ = ("hyper", "plan", "states")
+    __slots__ = ("hyper", "plan", "states", "step")
 
-    def __init__(self, states: Sequence[Any], hyper: Sequence[Any], plan: Plan) -> None:
+    def __init__(self, states: Sequence[Any], hyper: Sequence[Any], step: Any, plan: Plan) -> None:
         self.states = tuple(states)
         self.hyper = tuple(hyper)
+        self.step = step
         self.plan = plan
 
     def tree_flatten_with_keys(self) -> tuple[Any, Plan]:
         key = jax.tree_util.GetAttrKey
-        return ((key("states"), self.states), (key("hyper"), self.hyper)), self.plan
+        children = (
+            (key("states"), self.states),
+            (key("hyper"), self.hyper),
+            (key("step"), self.step),
+        )
+        return children, self.plan
 
     @classmethod
     def tree_unflatten(cls, plan: Plan, children: Any) -> State:
-        return cls(children[0], children[1], plan)
+        states, hyper, step = children
+        return cls(states, hyper, step, plan)
+
+    def replace(self, **changes: Any) -> State:
+        fields = dict(states=self.states, hyper=self.hyper, step=self.step, plan=self.plan)
+        return State(**{**fields, **changes})
 
     def __repr__(self) -> str:
         rules = ", ".join(_rule_name(r) for r in self.plan.rules)
         n = len(self.plan.params)
-        return f"State({rules}; {n} parameters, {self.plan.n_ties} tied)"
+        frozen = sum(self.plan.frozen)
+        extra = f", {frozen} frozen" if frozen else ""
+        return f"State({rules}; {n} parameters, {self.plan.n_ties} tied{extra})"
 
 
 def _rule_name(rule: Rule) -> str:

@@ -18,6 +18,7 @@ from . import _arrays
 from ._state import Plan, State
 from ._ties import Slot, TieError, orientation
 from ._walk import StructureError, flatten, gather, path_strings, unwrap, wrap
+from .schedules import Schedule
 from .transpose import Transpose
 
 
@@ -98,24 +99,41 @@ def _step(state: State, model: Any, grads: Any, *, in_place: bool) -> tuple[Stat
 
     new_states = list(state.states)
     new_bases = list(bases)
-    for k, (base, grad) in enumerate(zip(bases, summed, strict=True)):
-        if grad is None:
-            continue  # no gradient anywhere: the parameter and its state stay as they are
-        r = plan.param_rules[k]
-        rule_state, step = plan.rules[r].apply(state.hyper[r], state.states[k], base, grad)
-        if _arrays.is_numpy(base) and base.ndim == 0:
-            rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
-        new_states[k] = rule_state
-        new_bases[k] = _arrays.as_array(_arrays.cast(base - step, base.dtype), base)
+    changed = [False] * len(bases)
+    for r, group in enumerate(plan.groups):
+        ks = [k for k in group if summed[k] is not None and not plan.frozen[k]]
+        if not ks:
+            continue  # no gradient anywhere: the parameters and their states stay as they are
+        rule_states, news = plan.rules[r].update_all(
+            _evaluate(state.hyper[r], state.step),
+            [state.states[k] for k in ks],
+            [bases[k] for k in ks],
+            [summed[k] for k in ks],
+        )
+        for k, rule_state, new in zip(ks, rule_states, news, strict=True):
+            if _arrays.is_numpy(bases[k]) and bases[k].ndim == 0:
+                rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
+            new_states[k] = rule_state
+            new_bases[k] = _arrays.as_array(new, bases[k])
+            changed[k] = True
 
-    changed = [g is not None for g in summed]
     if in_place:
         for k, base in enumerate(bases):
             if changed[k] and _arrays.writable(base):
                 _arrays.write_(base, new_bases[k])
                 changed[k] = False  # every position already holds the new values
     new_leaves = _place(plan, leaves, new_bases, changed)
-    return State(new_states, state.hyper, plan), treedef.unflatten(new_leaves)
+    step = _arrays.as_array(state.step + 1, state.step)
+    return State(new_states, state.hyper, step, plan), treedef.unflatten(new_leaves)
+
+
+def _evaluate(hyper: Any, step: Any) -> Any:
+    """The hyper-parameters at this step: every schedule evaluated at the step count."""
+    return jax.tree_util.tree_map(
+        lambda h: h(step) if isinstance(h, Schedule) else h,
+        hyper,
+        is_leaf=lambda h: isinstance(h, Schedule),
+    )
 
 
 def _place(plan: Plan, leaves: list[Any], bases: list[Any], changed: list[bool]) -> list[Any]:

@@ -93,3 +93,25 @@ def gather(treedef: PyTreeDef, model: Any, grads: Any) -> list[Any]:
             for (key, mc), (_, gc) in reversed(list(pairs))
         )
     return out
+
+
+Key = str | int
+
+
+def _plain(key: Any) -> Key:
+    for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+        if hasattr(key, attr):
+            value = getattr(key, attr)
+            return value if isinstance(value, int | str) else str(value)
+    return str(key)
+
+
+def position_keys(tree: Any) -> list[tuple[Key, ...]]:
+    """Every position's path as plain keys, ``('dec', 'w')`` or ``('layers', 0, 'kernel')``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_transpose)
+    return [tuple(_plain(k) for k in path) for path, _ in flat]
+
+
+def skeleton(treedef: PyTreeDef) -> Any:
+    """A tree of ``treedef``'s structure with placeholder positions, for paths and selections."""
+    return treedef.unflatten([0] * treedef.num_leaves)

@@ -182,7 +182,7 @@ def test_dtypes_and_state_shapes_are_stable(name, dtype):
 
 
 def test_rules_reject_non_numbers():
-    with pytest.raises(TypeError, match=r"Adam\(lr=\.\.\.\) must be a real number, got '0.1'"):
+    with pytest.raises(TypeError, match=r"Adam\(lr=\.\.\.\) must be a real number or a schedule, got '0.1'"):
         ost.Adam("0.1")
     with pytest.raises(TypeError, match=r"betas=.*tuple"):
         ost.Adam(betas=(0.9, None))

@@ -10,6 +10,11 @@ summed gradient at a time, and turns them into the *step* that is subtracted fro
 * ``apply(hyper, state, param, grad)``: ``(new_state, step)``. It reads hyper-parameters from
   ``hyper``, never from ``self``, and computes with the functions of the arrays' own namespace
   (``xp = namespace(grad)``), so one implementation serves NumPy, JAX and PyTorch.
+
+``update`` calls ``update_all`` once per rule with every parameter that has a gradient this step.
+By default it applies ``apply`` to each and subtracts the step; a rule that looks across
+parameters (``ClipGlobalNorm``, ``SkipNonFinite``) overrides ``apply_all``, and one that makes the
+new parameter itself (``MixedPrecision``) overrides ``update_all``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numbers
 from typing import Any, ClassVar
 
 from .._arrays import cast, namespace
+from ..schedules import Schedule
 
 __all__ = ["Rule", "cast", "namespace"]
 
@@ -42,21 +48,41 @@ class Rule:
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         raise NotImplementedError
 
+    def apply_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        """``apply`` for every parameter of this rule at once: ``(new_states, steps)``."""
+        out = [self.apply(hyper, s, p, g) for s, p, g in zip(states, params, grads, strict=True)]
+        return [new for new, _ in out], [step for _, step in out]
+
+    def update_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        """``(new_states, new_params)``: the steps of ``apply_all`` subtracted, dtypes kept."""
+        states, steps = self.apply_all(hyper, states, params, grads)
+        return states, [cast(p - step, p.dtype) for p, step in zip(params, steps, strict=True)]
+
     def name(self) -> str:
         return type(self).__name__
 
     def _check(self) -> None:
-        """Every hyper-parameter is a real number (``None`` only in a ``structure()``)."""
+        """Every hyper-parameter is a real number or a schedule (``None`` in a ``structure()``)."""
         for name in self.hyper_names:
             value = getattr(self, name)
             flat = value if isinstance(value, tuple) else (value,)
             if value is None or all(v is None for v in flat):
                 continue
-            if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in flat):
+            if not all(_is_hyper(v) for v in flat):
                 raise TypeError(
-                    f"{type(self).__name__}({name}=...) must be a real number"
+                    f"{type(self).__name__}({name}=...) must be a real number or a schedule"
                     f"{' or a tuple of them' if isinstance(value, tuple) else ''}, got {value!r}"
                 )
+
+
+def _is_hyper(value: Any) -> bool:
+    return isinstance(value, Schedule) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
+    )
 
 
 def real_dtype(xp: Any, x: Any) -> Any:

@@ -46,8 +46,16 @@ class OptimiserChain(Rule):
         return tuple(rule.init(param) for rule in self.rules)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
-        new_states = []
-        for rule, h, s in zip(self.rules, hyper, state, strict=True):
-            s, grad = rule.apply(h, s, param, grad)
-            new_states.append(s)
-        return tuple(new_states), grad
+        (new_state,), (step,) = self.apply_all(hyper, [state], [param], [grad])
+        return new_state, step
+
+    def apply_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        # Rule by rule over all parameters, so a rule that looks across parameters (such as
+        # ClipGlobalNorm) sees every parameter's gradient as it stands at its place in the chain.
+        members: list[list[Any]] = []
+        for i, (rule, h) in enumerate(zip(self.rules, hyper, strict=True)):
+            new, grads = rule.apply_all(h, [s[i] for s in states], params, grads)
+            members.append(new)
+        return [tuple(m) for m in zip(*members, strict=True)] or [() for _ in states], grads
