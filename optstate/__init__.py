@@ -5,6 +5,7 @@ parameter; ``state, model = update(state, model, grads)`` sums each parameter's 
 its positions, applies the rule once, and puts the one new array back everywhere.
 """
 
+from . import schedules as schedules
 from ._setup import setup as setup
 from ._state import Plan as Plan
 from ._state import State as State
@@ -13,15 +14,22 @@ from ._update import retie as retie
 from ._update import update as update
 from ._update import update_ as update_
 from ._walk import StructureError as StructureError
+from .adjust import adjust as adjust
+from .adjust import freeze as freeze
+from .adjust import thaw as thaw
+from .rules import AccumGrad as AccumGrad
 from .rules import Adam as Adam
 from .rules import AdamW as AdamW
+from .rules import ClipGlobalNorm as ClipGlobalNorm
 from .rules import ClipGrad as ClipGrad
 from .rules import ClipNorm as ClipNorm
 from .rules import Descent as Descent
+from .rules import MixedPrecision as MixedPrecision
 from .rules import Momentum as Momentum
 from .rules import Nesterov as Nesterov
 from .rules import OptimiserChain as OptimiserChain
 from .rules import Rule as Rule
+from .rules import SkipNonFinite as SkipNonFinite
 from .rules import WeightDecay as WeightDecay
 from .transpose import Transpose as Transpose
 

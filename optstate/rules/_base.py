@@ -23,6 +23,8 @@ import dataclasses
 import numbers
 from typing import Any, ClassVar
 
+import jax
+
 from .._arrays import cast, namespace
 from ..schedules import Schedule
 
@@ -62,6 +64,12 @@ class Rule:
         states, steps = self.apply_all(hyper, states, params, grads)
         return states, [cast(p - step, p.dtype) for p, step in zip(params, steps, strict=True)]
 
+    def ready(self, state: Any) -> Any:
+        """``None``, or a 0-d boolean computed from the new state: ``False`` while the rule is
+        still gathering (``AccumGrad``). An ``OptimiserChain`` then holds the rules after it."""
+        del state
+        return None
+
     def name(self) -> str:
         return type(self).__name__
 
@@ -100,3 +108,9 @@ def abs2(xp: Any, g: Any) -> Any:
     if xp.isdtype(g.dtype, "complex floating"):
         return xp.real(g) ** 2 + xp.imag(g) ** 2
     return g * g
+
+
+def select(xp: Any, flag: Any, new: Any, old: Any) -> Any:
+    """``new`` where the 0-d boolean ``flag`` holds, else ``old``, leaf by leaf (works under jit,
+    where a Python ``if`` on an array cannot)."""
+    return jax.tree_util.tree_map(lambda n, o: xp.where(flag, n, o), new, old)

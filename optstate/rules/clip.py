@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ._base import Rule, cast, namespace, real_dtype, scalars
+from ._base import Rule, abs2, cast, namespace, real_dtype, scalars
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,49 @@ class ClipNorm(Rule):
         # bound / max(norm, bound) is exactly 1 within the bound and never divides by zero.
         scale = bound / xp.maximum(norm, bound)
         return state, grad * cast(xp.asarray(scale), grad.dtype)
+
+
+@dataclass(frozen=True)
+class ClipGlobalNorm(Rule):
+    r"""Clipping by the norm of all parameters together: ``ClipGlobalNorm(max_norm)``.
+
+    .. math::
+        g_k \leftarrow g_k \cdot \min\left(1, \frac{c}{\sqrt{\sum_j \lVert g_j \rVert_2^2}}\right)
+
+    with :math:`c` = ``max_norm`` and the sum over every unique parameter this rule applies to,
+    each with its summed gradient: a tied parameter counts once, as it would if it appeared once.
+    Within a chain the norm is taken of the gradients as they reach this rule. Squares are summed
+    in at least float32. Reproduces ``optax.clip_by_global_norm(max_norm)`` (and
+    ``torch.nn.utils.clip_grad_norm_`` but for the ``1e-6`` torch adds to the norm).
+
+    Reference: Pascanu et al., *On the difficulty of training recurrent neural networks*
+    (ICML 2013).
+    """
+
+    max_norm: float
+    hyper_names: ClassVar[tuple[str, ...]] = ("max_norm",)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        (new,), (step,) = self.apply_all(hyper, [state], [param], [grad])
+        return new, step
+
+    def apply_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        xp = namespace(grads[0])
+        wide = xp.float64 if any(xp.finfo(g.dtype).bits >= 64 for g in grads) else xp.float32
+        squares = [xp.sum(abs2(xp, cast(g, _widened(xp, g, wide)))) for g in grads]
+        norm = xp.sqrt(xp.sum(xp.stack([cast(s, wide) for s in squares])))
+        (bound,) = scalars(xp, wide, hyper["max_norm"])
+        scale = bound / xp.maximum(norm, bound)
+        return states, [g * cast(scale, g.dtype) for g in grads]
+
+
+def _widened(xp: Any, g: Any, wide: Any) -> Any:
+    """``g``'s dtype with at least ``wide``'s precision (complex stays complex)."""
+    if xp.isdtype(g.dtype, "complex floating"):
+        return xp.complex128 if wide == xp.float64 else g.dtype
+    return wide

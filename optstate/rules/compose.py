@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._base import Rule
+import jax
+
+from ._base import Rule, namespace, select
 
 
 @dataclass(frozen=True, init=False)
@@ -28,6 +30,10 @@ class OptimiserChain(Rule):
                     f"OptimiserChain takes optstate rules; argument {i} is {rule!r} "
                     f"of type {type(rule).__name__}"
                 )
+            if getattr(rule, "outermost_only", False):
+                raise TypeError(
+                    f"{rule.name()} must be the outermost rule: wrap the chain in it instead"
+                )
         object.__setattr__(self, "rules", tuple(rules))
 
     def __repr__(self) -> str:
@@ -42,6 +48,13 @@ class OptimiserChain(Rule):
     def structure(self) -> OptimiserChain:
         return OptimiserChain(*(rule.structure() for rule in self.rules))
 
+    def ready(self, state: Any) -> Any:
+        flags = [rule.ready(s) for rule, s in zip(self.rules, state, strict=True)]
+        out = None
+        for flag in flags:
+            out = _both(out, flag)
+        return out
+
     def init(self, param: Any) -> tuple[Any, ...]:
         return tuple(rule.init(param) for rule in self.rules)
 
@@ -55,7 +68,28 @@ class OptimiserChain(Rule):
         # Rule by rule over all parameters, so a rule that looks across parameters (such as
         # ClipGlobalNorm) sees every parameter's gradient as it stands at its place in the chain.
         members: list[list[Any]] = []
+        ready: list[Any] = [None] * len(states)  # per parameter: may the rules go on?
         for i, (rule, h) in enumerate(zip(self.rules, hyper, strict=True)):
-            new, grads = rule.apply_all(h, [s[i] for s in states], params, grads)
+            old = [s[i] for s in states]
+            new, grads = rule.apply_all(h, old, params, grads)
+            new = [_hold(r, n, o) for r, n, o in zip(ready, new, old, strict=True)]
             members.append(new)
-        return [tuple(m) for m in zip(*members, strict=True)] or [() for _ in states], grads
+            ready = [_both(r, rule.ready(n)) for r, n in zip(ready, new, strict=True)]
+        steps = [
+            g if r is None else select(namespace(g), r, g, namespace(g).zeros_like(g))
+            for r, g in zip(ready, grads, strict=True)
+        ]
+        return [tuple(m) for m in zip(*members, strict=True)] or [() for _ in states], steps
+
+
+def _hold(ready: Any, new: Any, old: Any) -> Any:
+    """A later rule's state only moves once the rules before it are ready."""
+    if ready is None or not jax.tree_util.tree_leaves(new):
+        return new
+    return select(namespace(jax.tree_util.tree_leaves(new)[0]), ready, new, old)
+
+
+def _both(a: Any, b: Any) -> Any:
+    if a is None or b is None:
+        return b if a is None else a
+    return a & b

@@ -1,0 +1,183 @@
+"""Rules that change *when* or *in what precision* another rule steps: gradient accumulation,
+skipping non-finite steps, and a float32 master copy for low-precision parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from ._base import Rule, cast, namespace, select
+
+
+class AccumGradState(NamedTuple):
+    total: Any  # running sum of the gradients of this round
+    count: Any  # gradients gathered in this round, int32
+
+
+@dataclass(frozen=True)
+class AccumGrad(Rule):
+    r"""Gradient accumulation: ``AccumGrad(n)``.
+
+    Gathers ``n`` gradients, then passes on their mean: on steps :math:`1, \dots, n-1` of each
+    round the step is zero and the rules after it in an ``OptimiserChain`` do not move (their
+    states hold); on step :math:`n` they see :math:`\frac1n \sum_{i=1}^{n} g_i`. Put it first:
+    ``OptimiserChain(AccumGrad(4), Adam(1e-3))`` steps Adam once every 4 calls with the mean of 4
+    gradients, as ``optax.MultiSteps(optax.adam(1e-3), every_k_schedule=4)`` and Optimisers.jl's
+    ``AccumGrad`` do. A tied parameter accumulates its summed gradient, once per step.
+    """
+
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1):
+            raise ValueError(f"AccumGrad(n=...) must be a positive integer, got {self.n!r}")
+
+    def init(self, param: Any) -> AccumGradState:
+        xp = namespace(param)
+        return AccumGradState(xp.zeros_like(param), xp.zeros((), dtype=xp.int32))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del hyper, param
+        xp = namespace(grad)
+        count = xp.asarray(state.count + 1)
+        total = state.total + grad
+        done = count >= self.n
+        mean = total / xp.asarray(self.n, dtype=total.dtype)
+        new_state = AccumGradState(
+            xp.where(done, xp.zeros_like(total), total), xp.where(done, 0, count)
+        )
+        return new_state, xp.where(done, mean, xp.zeros_like(mean))
+
+    def ready(self, state: Any) -> Any:
+        return state.count == 0  # a round just ended
+
+
+class SkipState(NamedTuple):
+    inner: Any
+    skipped: Any  # steps skipped for a non-finite gradient, int32
+
+
+@dataclass(frozen=True)
+class SkipNonFinite(Rule):
+    r"""Skip steps whose gradient is not finite: ``SkipNonFinite(rule)``.
+
+    If any gradient of the parameters under this rule holds a NaN or an infinity, the step changes
+    neither those parameters nor the inner rule's state, and ``skipped`` in the state counts it;
+    otherwise it is ``rule``'s step. The test is on the summed gradients of all parameters the rule
+    applies to, together, as ``optax.apply_if_finite`` tests all updates (without its limit on
+    consecutive skips).
+    """
+
+    rule: Rule
+
+    def __post_init__(self) -> None:
+        _check_inner(self, self.rule)
+
+    def hyper(self) -> Any:
+        return self.rule.hyper()
+
+    def structure(self) -> SkipNonFinite:
+        return SkipNonFinite(self.rule.structure())
+
+    def name(self) -> str:
+        return f"SkipNonFinite({self.rule.name()})"
+
+    def init(self, param: Any) -> SkipState:
+        return SkipState(
+            self.rule.init(param), namespace(param).zeros((), dtype=namespace(param).int32)
+        )
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        (new,), (step,) = self.apply_all(hyper, [state], [param], [grad])
+        return new, step
+
+    def apply_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        xp = namespace(grads[0])
+        finite = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in grads]))
+        inner, steps = self.rule.apply_all(hyper, [s.inner for s in states], params, grads)
+        skip = xp.astype(xp.logical_not(finite), xp.int32)
+        new_states = [
+            SkipState(select(xp, finite, n, s.inner), xp.asarray(s.skipped + skip))
+            for n, s in zip(inner, states, strict=True)
+        ]
+        return new_states, [xp.where(finite, s, xp.zeros_like(s)) for s in steps]
+
+
+class MixedPrecisionState(NamedTuple):
+    master: Any  # the float32 copy of a low-precision parameter (None for others)
+    inner: Any
+
+
+@dataclass(frozen=True)
+class MixedPrecision(Rule):
+    r"""A float32 master copy for low-precision parameters: ``MixedPrecision(rule)``.
+
+    For a ``bfloat16`` or ``float16`` parameter the state keeps a ``float32`` copy; ``rule`` runs on
+    the copy with the gradient cast to ``float32``, and the parameter becomes the copy rounded to
+    its own dtype. Small steps that would round away in ``bfloat16`` accumulate in the copy.
+    Parameters of 32 bits or more are stepped by ``rule`` directly. It must wrap the whole rule
+    (``MixedPrecision(OptimiserChain(...))``), not stand inside a chain.
+
+    Reference: Micikevicius et al., *Mixed Precision Training* (ICLR 2018),
+    https://arxiv.org/abs/1710.03740
+    """
+
+    rule: Rule
+    outermost_only: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_inner(self, self.rule)
+
+    def hyper(self) -> Any:
+        return self.rule.hyper()
+
+    def structure(self) -> MixedPrecision:
+        return MixedPrecision(self.rule.structure())
+
+    def name(self) -> str:
+        return f"MixedPrecision({self.rule.name()})"
+
+    def init(self, param: Any) -> MixedPrecisionState:
+        if not _low_precision(param):
+            return MixedPrecisionState(None, self.rule.init(param))
+        master = cast(param, namespace(param).float32)
+        return MixedPrecisionState(master, self.rule.init(master))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        raise TypeError("MixedPrecision must be the outermost rule, not a member of a chain")
+
+    def apply_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        raise TypeError("MixedPrecision must be the outermost rule, not a member of a chain")
+
+    def update_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        working = [p if s.master is None else s.master for s, p in zip(states, params, strict=True)]
+        grads = [cast(g, w.dtype) for g, w in zip(grads, working, strict=True)]
+        inner, updated = self.rule.update_all(hyper, [s.inner for s in states], working, grads)
+        new_states = [
+            MixedPrecisionState(None if s.master is None else u, i)
+            for s, u, i in zip(states, updated, inner, strict=True)
+        ]
+        return new_states, [cast(u, p.dtype) for u, p in zip(updated, params, strict=True)]
+
+
+def _low_precision(x: Any) -> bool:
+    xp = namespace(x)
+    return bool(xp.isdtype(x.dtype, "real floating")) and xp.finfo(x.dtype).bits < 32
+
+
+def _check_inner(wrapper: Rule, rule: Any) -> None:
+    if not isinstance(rule, Rule):
+        raise TypeError(
+            f"{type(wrapper).__name__} wraps an optstate rule, got {rule!r} of type "
+            f"{type(rule).__name__}"
+        )
+    if getattr(rule, "outermost_only", False):
+        raise TypeError(
+            f"{rule.name()} must be the outermost rule, not inside {type(wrapper).__name__}"
+        )
