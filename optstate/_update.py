@@ -11,14 +11,12 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-import jax
 import numpy as np
 
-from . import _arrays
+from . import _apply, _arrays
 from ._state import Plan, State
 from ._ties import Slot, TieError, orientation
 from ._walk import StructureError, flatten, gather, path_strings, unwrap, wrap
-from .schedules import Schedule
 from .transpose import Transpose
 
 
@@ -94,46 +92,37 @@ def _step(state: State, model: Any, grads: Any, *, in_place: bool) -> tuple[Stat
     _check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
     _check_model(plan, leaves, bases, model)
-    per_position = gather(plan.treedef, model, grads)
-    summed = _sum_gradients(plan, bases, per_position, model)
+    layout, given = _layout(plan, bases, gather(plan.treedef, model, grads), model)
 
-    new_states = list(state.states)
+    active = _apply.active_params(plan, layout)
     new_bases = list(bases)
-    changed = [False] * len(bases)
-    for r, group in enumerate(plan.groups):
-        ks = [k for k in group if summed[k] is not None and not plan.frozen[k]]
-        if not ks:
-            continue  # no gradient anywhere: the parameters and their states stay as they are
-        rule_states, news = plan.rules[r].update_all(
-            _evaluate(state.hyper[r], state.step),
-            [state.states[k] for k in ks],
-            [bases[k] for k in ks],
-            [summed[k] for k in ks],
+    new_states = list(state.states)
+    if not active:
+        count = _arrays.as_array(state.step + 1, state.step)
+    else:
+        compiled = all(_arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]) for k in active)
+        run = _apply.compiled_step if compiled else _apply.step
+        stepped_states, stepped, count = run(
+            plan,
+            layout,
+            state.hyper,
+            [state.states[k] for k in active],
+            state.step,
+            [bases[k] for k in active],
+            given,
         )
-        for k, rule_state, new in zip(ks, rule_states, news, strict=True):
-            if _arrays.is_numpy(bases[k]) and bases[k].ndim == 0:
-                rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
-            new_states[k] = rule_state
-            new_bases[k] = _arrays.as_array(new, bases[k])
+        for k, rule_state, new in zip(active, stepped_states, stepped, strict=True):
+            new_states[k], new_bases[k] = rule_state, new
+
+    changed = [False] * len(bases)
+    for k in active:
+        if in_place and _arrays.writable(bases[k]):
+            _arrays.write_(bases[k], new_bases[k])
+            new_bases[k] = bases[k]  # every position already holds the new values
+        else:
             changed[k] = True
-
-    if in_place:
-        for k, base in enumerate(bases):
-            if changed[k] and _arrays.writable(base):
-                _arrays.write_(base, new_bases[k])
-                changed[k] = False  # every position already holds the new values
     new_leaves = _place(plan, leaves, new_bases, changed)
-    step = _arrays.as_array(state.step + 1, state.step)
-    return State(new_states, state.hyper, step, plan), treedef.unflatten(new_leaves)
-
-
-def _evaluate(hyper: Any, step: Any) -> Any:
-    """The hyper-parameters at this step: every schedule evaluated at the step count."""
-    return jax.tree_util.tree_map(
-        lambda h: h(step) if isinstance(h, Schedule) else h,
-        hyper,
-        is_leaf=lambda h: isinstance(h, Schedule),
-    )
+    return State(new_states, state.hyper, count, plan), treedef.unflatten(new_leaves)
 
 
 def _place(plan: Plan, leaves: list[Any], bases: list[Any], changed: list[bool]) -> list[Any]:
@@ -231,22 +220,28 @@ def _describe(x: Any) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
-def _sum_gradients(plan: Plan, bases: list[Any], per_position: list[Any], model: Any) -> list[Any]:
-    """One gradient per parameter, in its base orientation (``None`` if no position has one)."""
-    sums: list[Any] = [None] * len(bases)
+def _layout(
+    plan: Plan, bases: list[Any], per_position: list[Any], model: Any
+) -> tuple[_apply.Layout, list[Any]]:
+    """Which positions carry a gradient to use, in what orientation, and those gradients."""
+    layout: list[Any] = [_apply.ABSENT] * len(per_position)
+    given = []
     for pos, slot in enumerate(plan.slots):
-        if slot is None or per_position[pos] is None:
-            continue
-        g = _oriented(slot, bases[slot.param], per_position[pos], pos, model)
-        if g is None:
+        g = per_position[pos]
+        if slot is None or g is None:
             continue
         k = slot.param
-        sums[k] = g if sums[k] is None else sums[k] + g
-    return sums
+        if plan.frozen[k] or plan.param_rules[k] < 0:
+            continue
+        oriented = _oriented(slot, bases[k], g, pos, model)
+        if oriented is not None:
+            layout[pos], g = oriented
+            given.append(g)
+    return tuple(layout), given
 
 
-def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> Any:
-    """A position's gradient mapped to the parameter's orientation and dtype."""
+def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> tuple[Any, Any] | None:
+    """A position's gradient as an array, checked, and its orientation relative to the base."""
     remaining = slot.depth
     while remaining and isinstance(g, Transpose):
         g, remaining = g.parent, remaining - 1
@@ -261,21 +256,20 @@ def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> Any:
             "the gradient at {path} is a Transpose, but the model holds no Transpose "
             "there; give a plain array"
         )
-    if not (hasattr(g, "shape") or isinstance(g, numbers.Number | list | tuple)):
+    if not hasattr(g, "shape"):
+        if not isinstance(g, numbers.Number | list | tuple):
+            raise fail(
+                f"the gradient at {{path}} must be an array (or None), got {type(g).__name__}",
+                TypeError,
+            )
+        g = np.asarray(g)
+    if _arrays.is_complex(g) and not _arrays.is_complex(base):
         raise fail(
-            f"the gradient at {{path}} must be an array (or None), got {type(g).__name__}",
-            TypeError,
-        )
-    if _arrays.is_complex(
-        np.asarray(g) if not hasattr(g, "dtype") else g
-    ) and not _arrays.is_complex(base):
-        raise fail(
-            f"the gradient at {{path}} is complex ({getattr(g, 'dtype', 'complex')}) but "
-            f"the parameter is real ({base.dtype})"
+            f"the gradient at {{path}} is complex ({g.dtype}) but the parameter is real "
+            f"({base.dtype})"
         )
     orient = orientation(slot, base.ndim, remaining)
     expected = tuple(base.shape) if orient is None else tuple(base.shape[a] for a in orient)
-    g = _arrays.coerce(g, base)
     if tuple(g.shape) != expected:
         hint = ""
         if remaining and tuple(g.shape) == tuple(base.shape):
@@ -287,4 +281,4 @@ def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> Any:
             f"the gradient at {{path}} has shape {tuple(g.shape)}, expected {expected}"
             f"{' (the transpose of the parameter)' if remaining else ''}{hint}"
         )
-    return _arrays.permute(g, _arrays.inverse(orient))
+    return orient, g

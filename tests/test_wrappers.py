@@ -16,10 +16,13 @@ def normal(*shape, scale=1.0, dtype=jnp.float32):
 
 
 def optax_steps(tx, params, grad_list):
+    """optax's steps, compiled as optstate compiles its own (XLA may keep a bfloat16 product
+    in float32 where op-by-op evaluation rounds it)."""
     state = tx.init(params)
     with jax.numpy_dtype_promotion("standard"):
+        step = jax.jit(tx.update)
         for g in grad_list:
-            updates, state = tx.update(g, state, params)
+            updates, state = step(g, state, params)
             params = optax.apply_updates(params, updates)
     return params
 

@@ -1,0 +1,88 @@
+"""The step itself: sum each parameter's gradients in its own orientation, run its rule once.
+
+``step`` is pure and knows nothing of model trees: it takes the tie plan, which positions carry a
+gradient and in what orientation (``layout``), and flat lists of arrays. For JAX arrays ``update``
+runs it compiled, one dispatch per step, with one compilation per plan and layout; for NumPy, and
+inside a user's ``jax.jit``, it runs as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _arrays
+from ._state import Plan
+from .schedules import Schedule
+
+# ``layout[pos]`` for a position without a gradient to use (none given, not a parameter, or its
+# parameter frozen or without a rule); otherwise the orientation of the given gradient.
+ABSENT = False
+Layout = tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def active_params(plan: Plan, layout: Layout) -> tuple[int, ...]:
+    """The parameters that step: those with a gradient at one of their positions at least."""
+    return tuple(
+        sorted({plan.slots[pos].param for pos, o in enumerate(layout) if o is not ABSENT})  # type: ignore[union-attr]
+    )
+
+
+def step(
+    plan: Plan,
+    layout: Layout,
+    hyper: tuple[Any, ...],
+    states: list[Any],
+    count: Any,
+    bases: list[Any],
+    grads: list[Any],
+) -> tuple[list[Any], list[Any], Any]:
+    """``(new_states, new_bases, count + 1)`` for the active parameters.
+
+    ``states`` and ``bases`` hold the active parameters' rule states and arrays (in the order of
+    ``active_params``); ``grads`` the gradients of the positions that carry one, in position order.
+    """
+    active = active_params(plan, layout)
+    index = {k: i for i, k in enumerate(active)}
+    sums: list[Any] = [None] * len(active)
+    given = iter(grads)
+    for pos, orient in enumerate(layout):
+        if orient is ABSENT:
+            continue
+        i = index[plan.slots[pos].param]  # type: ignore[union-attr]
+        g = _arrays.permute(_arrays.coerce(next(given), bases[i]), _arrays.inverse(orient))
+        sums[i] = g if sums[i] is None else sums[i] + g
+
+    new_states, new_bases = list(states), list(bases)
+    for r, group in enumerate(plan.groups):
+        members = [index[k] for k in group if k in index]
+        if not members:
+            continue
+        rule_states, news = plan.rules[r].update_all(
+            _evaluate(hyper[r], count),
+            [states[i] for i in members],
+            [bases[i] for i in members],
+            [sums[i] for i in members],
+        )
+        for i, rule_state, new in zip(members, rule_states, news, strict=True):
+            if _arrays.is_numpy(bases[i]) and bases[i].ndim == 0:  # NumPy makes 0-d results scalars
+                rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
+            new_states[i] = rule_state
+            new_bases[i] = _arrays.as_array(new, bases[i])
+    return new_states, new_bases, _arrays.as_array(count + 1, count)
+
+
+compiled_step = jax.jit(step, static_argnums=(0, 1))
+
+
+def _evaluate(hyper: Any, count: Any) -> Any:
+    """The hyper-parameters at this step: every schedule evaluated at the step count."""
+    return jax.tree_util.tree_map(
+        lambda h: h(count) if isinstance(h, Schedule) else h,
+        hyper,
+        is_leaf=lambda h: isinstance(h, Schedule),
+    )
