@@ -6,6 +6,7 @@ the rules stay backend-free. Rules reach an array's functions through its array-
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -39,7 +40,12 @@ def is_tracer(x: Any) -> bool:
 
 def is_trainable(x: Any) -> bool:
     """A floating or complex array. Python numbers, NumPy scalars and integer arrays are not."""
-    return (is_numpy(x) or is_jax(x)) and bool(jnp.issubdtype(x.dtype, jnp.inexact))
+    return (is_numpy(x) or is_jax(x)) and _inexact(x.dtype)
+
+
+@functools.cache
+def _inexact(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
 def is_complex(x: Any) -> bool:

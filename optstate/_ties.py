@@ -36,7 +36,7 @@ class Param(NamedTuple):
     primary: int  # a position whose leaf is the base array itself
     positions: tuple[int, ...]
     shape: tuple[int, ...]
-    dtype: str
+    dtype: Any  # a NumPy dtype (hashable, compared by value)
 
 
 class TieError(ValueError):
@@ -127,7 +127,7 @@ def find_ties(
                 slots[pos] = Slot(p, perm, depth)
                 positions.append(pos)
         params.append(
-            Param(where[root][0][0], tuple(sorted(positions)), tuple(base.shape), str(base.dtype))
+            Param(where[root][0][0], tuple(sorted(positions)), tuple(base.shape), base.dtype)
         )
     return tuple(slots), tuple(params)
 

@@ -173,7 +173,7 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
                 f"{name(param.primary)} was a parameter at setup but is now {_describe(base)}; "
                 "a state set up for a different model?"
             )
-        if tuple(base.shape) != param.shape or str(base.dtype) != param.dtype:
+        if base.dtype != param.dtype or tuple(base.shape) != param.shape:
             raise ValueError(
                 f"{name(param.primary)} changed since setup: the state is for "
                 f"{param.dtype}{list(param.shape)}, the model holds {_describe(base)} "
