@@ -20,7 +20,7 @@ from ._walk import StructureError, flatten, gather, path_strings, unwrap, wrap
 from .transpose import Transpose
 
 
-def update(state: State, model: Any, grads: Any) -> tuple[State, Any]:
+def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tuple[State, Any]:
     """One optimisation step: ``state, model = update(state, model, grads)``.
 
     ``grads`` is the structural gradient, the model's structure with each position's own partial
@@ -33,6 +33,11 @@ def update(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     the same object, re-wrapped in ``Transpose`` where there was one, as a view of the new array
     where a NumPy view was. A parameter without any gradient keeps its array and its state. Inputs
     are not modified. Works under ``jax.jit``, where the state's tie plan stands in for identity.
+
+    On JAX arrays outside ``jit`` the step runs compiled, once per model structure. With
+    ``donate=True`` it also hands the stepped parameters' buffers and their rule states to XLA to
+    reuse (each tied weight's one buffer once): the old arrays are deleted and the returned
+    state and model must be used from then on. It saves a copy of every parameter and moment.
 
     Example:
         >>> import numpy as np, optstate as ost
@@ -50,7 +55,7 @@ def update(state: State, model: Any, grads: Any) -> tuple[State, Any]:
             transpose; a parameter's shape or dtype changed since ``setup``.
         TypeError: ``state`` is not a ``State``, or a gradient is not an array.
     """
-    return _step(state, model, grads, in_place=False)
+    return _step(state, model, grads, in_place=False, donate=donate)
 
 
 def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
@@ -59,7 +64,7 @@ def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     written arrays are the same objects as before. JAX arrays are immutable: for them it is
     ``update``. The state is not written in place.
     """
-    return _step(state, model, grads, in_place=True)
+    return _step(state, model, grads, in_place=True, donate=False)
 
 
 def retie(state: State, model: Any) -> Any:
@@ -86,7 +91,9 @@ def _plan(state: Any) -> Plan:
     return state.plan
 
 
-def _step(state: State, model: Any, grads: Any, *, in_place: bool) -> tuple[State, Any]:
+def _step(
+    state: State, model: Any, grads: Any, *, in_place: bool, donate: bool
+) -> tuple[State, Any]:
     plan = _plan(state)
     leaves, treedef = flatten(model)
     _check_structure(plan, treedef, model)
@@ -101,7 +108,9 @@ def _step(state: State, model: Any, grads: Any, *, in_place: bool) -> tuple[Stat
         count = _arrays.as_array(state.step + 1, state.step)
     else:
         compiled = all(_arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]) for k in active)
-        run = _apply.compiled_step if compiled else _apply.step
+        run = _apply.step
+        if compiled:
+            run = _apply.donating_step if donate else _apply.compiled_step
         stepped_states, stepped, count = run(
             plan,
             layout,

@@ -28,6 +28,13 @@ RULES = {
     "AccumGrad+Adam": (ost.OptimiserChain(ost.AccumGrad(2), ost.Adam(1e-2)), 6000),
     "SkipNonFinite(Adam)": (ost.SkipNonFinite(ost.Adam(1e-2)), 3000),
     "MixedPrecision(Adam)": (ost.MixedPrecision(ost.Adam(1e-2)), 3000),
+    "Lion": (ost.Lion(3e-3, weight_decay=0.0), 3000),
+    "Signum": (ost.Signum(3e-3), 3000),
+    "SignDecay+Momentum": (ost.OptimiserChain(ost.SignDecay(1e-4), ost.Momentum(1e-3)), 3000),
+    "Rprop": (ost.Rprop(0.01), 3000),
+    "Lamb": (ost.Lamb(3e-3), 3000),
+    "Lars": (ost.Lars(1.0, trust_coefficient=0.005), 3000),
+    "Adafactor": (ost.Adafactor(0.1), 3000),
 }
 NAMES = list(RULES)
 
@@ -77,7 +84,9 @@ def tree(dtype, seed):
     return [xp.asarray(rng.normal(size=s), dtype=dtype) for s in [(), (5,), (3, 4)]]
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, np.float64], ids=["bf16", "f32", "f64"])
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float32, np.float64], ids=["bf16", "f32", "f64"]
+)
 @pytest.mark.parametrize("name", NAMES)
 def test_dtype_and_state_structure_are_kept(name, dtype):
     rule, _ = RULES[name]
@@ -91,6 +100,7 @@ def test_dtype_and_state_structure_are_kept(name, dtype):
     for seed in range(1, 4):
         state, model = ost.update(state, model, tree(dtype, seed))
         assert [m.dtype for m in model] == [dtype] * 3
+        assert all(np.isfinite(np.asarray(m, dtype=np.float64)).all() for m in model)
         assert structure(state) == before
 
 

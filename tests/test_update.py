@@ -238,3 +238,23 @@ def test_retie_after_a_jitted_step():
     state, model = ost.update(state, model, random_grads(model))
     assert model["dec"]["w"].parent is model["enc"]["w"]
     assert len(ost.setup(ost.Adam(), model).plan.params) == 3
+
+
+def test_donated_update_on_a_tied_model():
+    """jax.jit refuses to donate one buffer twice; update(donate=True) donates each once."""
+    model = tied_model()
+    state = ost.setup(ost.Adam(1e-2), model)
+    grads = random_grads(model)
+    _, expected = ost.update(state, model, grads)
+    old_w, old_mu = model["enc"]["w"], state.states[1].mu
+    new_state, new = ost.update(state, model, grads, donate=True)
+    assert old_w.is_deleted()
+    assert old_mu.is_deleted()
+    assert not state.hyper[0]["lr"].is_deleted()  # hyper-parameters are kept, not donated
+    assert new["dec"]["w"].parent is new["enc"]["w"] is new["again"][0]
+    for a, b in zip(
+        jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    new_state, new = ost.update(new_state, new, random_grads(new), donate=True)
+    assert int(new_state.step) == 2

@@ -98,6 +98,13 @@ def real_dtype(xp: Any, x: Any) -> Any:
     return xp.finfo(x.dtype).dtype
 
 
+def scalar_dtype(xp: Any, x: Any) -> Any:
+    """The real dtype, at least float32, in which to compute scalars derived from hyper-parameters
+    (``1 - beta``, bias corrections) before casting them to a 16-bit parameter's dtype."""
+    real = real_dtype(xp, x)
+    return xp.float32 if xp.finfo(real).bits < 32 else real
+
+
 def scalars(xp: Any, dtype: Any, *values: Any) -> tuple[Any, ...]:
     """Hyper-parameters as 0-d arrays of ``dtype``, so arithmetic keeps the parameter's dtype."""
     return tuple(xp.asarray(v, dtype=dtype) for v in values)

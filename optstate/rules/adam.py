@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._base import Rule, abs2, cast, namespace, real_dtype, scalars
+from ._base import Rule, abs2, cast, namespace, real_dtype, scalar_dtype, scalars
 
 
 class AdamState(NamedTuple):
@@ -25,21 +25,24 @@ def _init(param: Any, mu_dtype: Any) -> AdamState:
 
 def _direction(hyper: Any, state: AdamState, grad: Any) -> tuple[AdamState, Any]:
     """Advance the moments; return them and the bias-corrected ``m_hat / (sqrt(v_hat) + eps)``.
-    The first moment is kept in its own dtype (``mu_dtype``) and computed in the gradient's."""
+
+    The scalars (``1 - beta``, the bias corrections) are computed in at least float32 and only
+    then cast to the parameter's dtype: in bfloat16, ``0.999`` rounds to 1 and ``1 - beta2**t``
+    would be 0. The first moment is kept in its own dtype (``mu_dtype``).
+    """
     xp = namespace(grad)
     dtype, real = grad.dtype, real_dtype(xp, grad)
+    wide = scalar_dtype(xp, grad)
     beta1, beta2 = hyper["betas"]
-    (b1,) = scalars(xp, dtype, beta1)
-    b1_real, b2, eps = scalars(xp, real, beta1, beta2, hyper["eps"])
+    b1, b2, eps = scalars(xp, wide, beta1, beta2, hyper["eps"])
     count = xp.asarray(state.count + 1)
+    t = cast(count, wide)
     # The decay of m happens in m's own dtype, as in optax (it matters with ``mu_dtype``).
-    (b1_mu,) = scalars(xp, state.mu.dtype, beta1)
-    mu = cast(b1_mu * state.mu, dtype) + (1 - b1) * grad
-    nu = b2 * state.nu + (1 - b2) * abs2(xp, grad)
-    t = cast(count, real)
-    mu_hat = mu / cast(xp.asarray(1 - b1_real**t), dtype)
-    nu_hat = nu / (1 - b2**t)
-    direction = mu_hat / cast(xp.sqrt(nu_hat) + eps, dtype)
+    mu = cast(cast(b1, state.mu.dtype) * state.mu, dtype) + cast(1 - b1, dtype) * grad
+    nu = cast(b2, real) * state.nu + cast(1 - b2, real) * abs2(xp, grad)
+    mu_hat = mu / cast(xp.asarray(1 - b1**t), dtype)
+    nu_hat = nu / cast(xp.asarray(1 - b2**t), real)
+    direction = mu_hat / cast(xp.sqrt(nu_hat) + cast(eps, real), dtype)
     return AdamState(cast(mu, state.mu.dtype), nu, count), direction
 
 

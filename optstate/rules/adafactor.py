@@ -1,0 +1,207 @@
+"""Adafactor: second moments kept as row and column factors for parameters of rank >= 2."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import numpy as np
+
+from ..schedules import Schedule
+from ._base import Rule, cast, namespace, scalars
+
+
+class AdafactorState(NamedTuple):
+    row: Any  # factored: mean of g^2 over the column axis, kept as a length-1 axis; else None
+    col: Any  # factored: mean of g^2 over the row axis, kept as a length-1 axis; else None
+    v: Any  # unfactored: the full second moment, the parameter's shape; else None
+    count: Any  # steps taken by this parameter, int32
+
+
+def _number(value: Any) -> bool:
+    """A hyper-parameter's value: a real number or a schedule."""
+    return isinstance(value, Schedule) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
+    )
+
+
+@dataclass(frozen=True)
+class Adafactor(Rule):
+    r"""Adafactor: ``Adafactor(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+    weight_decay=0.0, *, relative_step=True, factor_axes="last", min_dim_size_to_factor=1)``.
+
+    At step :math:`t` of a parameter with :math:`n` elements, :math:`\hat\beta_t = 1 - t^{\tau}`,
+    :math:`\rho_t = \min(\eta, 1/\sqrt t)` and
+    :math:`\alpha_t = \max(\epsilon_2, \operatorname{RMS}(p))\, \rho_t`. A parameter of rank >= 2
+    keeps row and column factors of its second moment: with :math:`G = g^2` averaged over the
+    column axis (one value per row) or the row axis (one per column),
+
+    .. math::
+        R \leftarrow \hat\beta_t R + (1-\hat\beta_t) \operatorname{mean}_{\text{col}} G, \qquad
+        C \leftarrow \hat\beta_t C + (1-\hat\beta_t) \operatorname{mean}_{\text{row}} G, \qquad
+        V = \frac{R\, C}{\max(\operatorname{mean}_{\text{row}} R,\ \epsilon_1)}
+
+    (any other axes are batch axes); for rank < 2,
+    :math:`V \leftarrow \hat\beta_t V + (1-\hat\beta_t)\, g^2`. Then
+
+    .. math::
+        U = \frac{g}{\sqrt{\max(V, \epsilon_1^2)}}, \qquad
+        p \leftarrow p - \eta \lambda\, p
+            - \frac{\alpha_t}{\max\big(1, \operatorname{RMS}(U) / d\big)}\, U
+
+    with :math:`\eta` = ``lr``, :math:`\tau` = ``beta2_decay``, :math:`(\epsilon_1, \epsilon_2)` =
+    ``eps`` (:math:`\epsilon_1` = ``None`` is the machine epsilon of the parameter's dtype),
+    :math:`d` = ``d`` and :math:`\lambda` = ``weight_decay``. RMS and the factors are taken over one
+    whole (unique) parameter: a tied weight keeps one pair of factors. The scalars
+    (:math:`t^\tau, \rho_t, \alpha_t` and the clipping divisor) are computed in the
+    hyper-parameters' precision (float64 for NumPy), as torch computes them in Python.
+
+    Reproduces ``torch.optim.Adafactor`` (same arguments and defaults; it factors the last two
+    axes of every parameter of rank >= 2). Options taking optax's conventions
+    (``optax.adafactor``): ``relative_step=False`` makes :math:`\rho_t = \eta`;
+    ``factor_axes="largest"`` factors the two largest axes instead of the last two; and
+    ``min_dim_size_to_factor`` (optax's default is 128) keeps a full second moment when the
+    smaller of the two factored axes is shorter. With these three, ``eps=(eps1, 1e-3)`` and
+    ``weight_decay = w / lr``, this is ``optax.adafactor(lr, min_dim_size_to_factor,
+    decay_rate=-beta2_decay, clipping_threshold=d, weight_decay_rate=w)`` up to where
+    :math:`\epsilon` acts (optax adds 1e-30 to :math:`g^2`; here :math:`\epsilon_1` bounds the
+    denominators), which matters only for squared gradients below :math:`\epsilon_1^2`. Not
+    exposed: optax's ``momentum``, ``decay_offset`` and ``multiply_by_parameter_scale=False``.
+    Complex parameters are refused, as torch refuses them.
+
+    Reference: Shazeer and Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory
+    Cost* (ICML 2018), https://arxiv.org/abs/1804.04235
+    """
+
+    lr: float = 1e-2
+    beta2_decay: float = -0.8
+    eps: tuple[float | None, float] = (None, 1e-3)
+    d: float = 1.0
+    weight_decay: float = 0.0
+    _: KW_ONLY
+    relative_step: bool = True
+    factor_axes: Literal["last", "largest"] = "last"
+    min_dim_size_to_factor: int = 1
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "beta2_decay", "eps", "d", "weight_decay")
+
+    def __post_init__(self) -> None:
+        self._check()
+        bounds = {"lr": (0, math.inf), "beta2_decay": (-math.inf, 0), "d": (1, math.inf)}
+        bounds["weight_decay"] = (0, math.inf)
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not low <= float(value) <= high:
+                raise ValueError(f"Adafactor({name}=...) must be in [{low}, {high}], got {value!r}")
+        if self.eps is not None and any(isinstance(e, numbers.Real) and e < 0 for e in self.eps):
+            raise ValueError(f"Adafactor(eps=...) must be >= 0, got {self.eps!r}")
+        if not isinstance(self.relative_step, bool):
+            raise TypeError(
+                f"Adafactor(relative_step=...) must be a bool, got {self.relative_step!r}"
+            )
+        if self.factor_axes not in ("last", "largest"):
+            raise ValueError(
+                f'Adafactor(factor_axes=...) must be "last" or "largest", got {self.factor_axes!r}'
+            )
+        size = self.min_dim_size_to_factor
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+            raise ValueError(
+                f"Adafactor(min_dim_size_to_factor=...) must be an int >= 1, got {size!r}"
+            )
+
+    def _check(self) -> None:
+        """As ``Rule._check``, with ``eps[0]`` allowed to be ``None`` (machine epsilon)."""
+        for name in self.hyper_names:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "eps":
+                if not (
+                    isinstance(value, tuple)
+                    and len(value) == 2
+                    and (value[0] is None or _number(value[0]))
+                    and _number(value[1])
+                ):
+                    raise TypeError(
+                        "Adafactor(eps=...) must be a pair (eps1, eps2) of real numbers or "
+                        f"schedules, eps1 may be None, got {value!r}"
+                    )
+            elif not _number(value):
+                raise TypeError(
+                    f"Adafactor({name}=...) must be a real number or a schedule, got {value!r}"
+                )
+
+    def _factored_axes(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The (row, column) axes to factor over, or ``None`` for a full second moment."""
+        if len(shape) < 2:
+            return None
+        if self.factor_axes == "last":
+            row, col = len(shape) - 2, len(shape) - 1
+        else:  # optax's choice: the largest axis is the column, the second largest the row
+            order = np.argsort(shape)
+            row, col = int(order[-2]), int(order[-1])
+        if min(shape[row], shape[col]) < self.min_dim_size_to_factor:
+            return None
+        return row, col
+
+    def init(self, param: Any) -> AdafactorState:
+        xp = namespace(param)
+        if xp.isdtype(param.dtype, "complex floating"):
+            raise TypeError(
+                f"Adafactor does not support complex parameters (nor does torch.optim.Adafactor); "
+                f"got {param.dtype}{list(param.shape)}"
+            )
+        count = xp.zeros((), dtype=xp.int32)
+        shape = tuple(param.shape)
+        axes = self._factored_axes(shape)
+        if axes is None:
+            return AdafactorState(None, None, xp.zeros_like(param), count)
+        row, col = axes
+        row_shape = tuple(1 if i == col else n for i, n in enumerate(shape))
+        col_shape = tuple(1 if i == row else n for i, n in enumerate(shape))
+        return AdafactorState(
+            xp.zeros(row_shape, dtype=param.dtype),
+            xp.zeros(col_shape, dtype=param.dtype),
+            None,
+            count,
+        )
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        xp = namespace(grad)
+        dtype = grad.dtype
+        # The scalar schedule in the hyper-parameters' precision (torch computes it in Python).
+        wide = xp.asarray(hyper["lr"]).dtype
+        lr, tau, d, decay = scalars(
+            xp, wide, hyper["lr"], hyper["beta2_decay"], hyper["d"], hyper["weight_decay"]
+        )
+        eps1, eps2 = hyper["eps"]
+        eps1, eps2 = scalars(xp, wide, xp.finfo(dtype).eps if eps1 is None else eps1, eps2)
+        root_n = math.sqrt(math.prod(grad.shape))
+
+        count = xp.asarray(state.count + 1)
+        t = cast(count, wide)
+        rho = xp.minimum(lr, 1 / xp.sqrt(t)) if self.relative_step else lr
+        param_rms = cast(xp.asarray(xp.linalg.vector_norm(param)), wide) / root_n
+        alpha = xp.maximum(eps2, param_rms) * rho
+        weight = cast(t**tau, dtype)  # 1 - beta2_t
+
+        square = grad * grad
+        axes = self._factored_axes(tuple(grad.shape))
+        if axes is None:
+            v = state.v + weight * (square - state.v)
+            row = col = None
+            variance = v
+        else:
+            r, c = axes
+            row = state.row + weight * (xp.mean(square, axis=c, keepdims=True) - state.row)
+            col = state.col + weight * (xp.mean(square, axis=r, keepdims=True) - state.col)
+            v = None
+            row_mean = xp.mean(row, axis=r, keepdims=True)
+            variance = row * col / xp.maximum(row_mean, cast(eps1, dtype))
+        update = (1 / xp.sqrt(xp.maximum(variance, cast(eps1 * eps1, dtype)))) * grad
+        update_norm = cast(xp.asarray(xp.linalg.vector_norm(update)), wide)
+        (one,) = scalars(xp, wide, 1)
+        rate = alpha / xp.maximum(one, update_norm / (root_n * d))
+        step = cast(rate, dtype) * update + cast(lr * decay, dtype) * param
+        return AdafactorState(row, col, v, count), step
