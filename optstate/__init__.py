@@ -5,6 +5,7 @@ parameter; ``state, model = update(state, model, grads)`` sums each parameter's 
 its positions, applies the rule once, and puts the one new array back everywhere.
 """
 
+from . import implicit as implicit
 from . import schedules as schedules
 from ._setup import setup as setup
 from ._state import Plan as Plan

@@ -24,9 +24,10 @@ def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tup
     """One optimisation step: ``state, model = update(state, model, grads)``.
 
     ``grads`` is the structural gradient, the model's structure with each position's own partial
-    gradient (what ``jax.grad`` returns). ``None`` stands for a leaf or a whole branch without a
-    gradient. At a ``Transpose`` position the gradient is either a ``Transpose`` holding it in the
-    parent's orientation (what ``jax.grad`` gives) or a dense array in the transposed orientation.
+    gradient (what ``jax.grad`` returns), or the ``Grads`` of ``optstate.implicit.gradient``.
+    ``None`` stands for a leaf or a whole branch without a gradient. At a ``Transpose`` position
+    the gradient is either a ``Transpose`` holding it in the parent's orientation (what
+    ``jax.grad`` gives) or a dense array in the transposed orientation.
 
     For every unique parameter the gradients of all its positions are brought to the parameter's
     orientation and summed, the rule runs once, and the one new array goes back to every position:
@@ -99,6 +100,7 @@ def _step(
     _check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
     _check_model(plan, leaves, bases, model)
+    grads = _structural(grads, model)
     layout, given = _layout(plan, bases, gather(plan.treedef, model, grads), model)
 
     active = _apply.active_params(plan, layout)
@@ -132,6 +134,13 @@ def _step(
             changed[k] = True
     new_leaves = _place(plan, leaves, new_bases, changed)
     return State(new_states, state.hyper, count, plan), treedef.unflatten(new_leaves)
+
+
+def _structural(grads: Any, model: Any) -> Any:
+    """A ``Grads`` of the implicit bridge (totals keyed by array) as a structural gradient."""
+    from .implicit import Grads  # the bridge is built on this module, not the other way round
+
+    return grads.to_tree(model) if isinstance(grads, Grads) else grads
 
 
 def _place(plan: Plan, leaves: list[Any], bases: list[Any], changed: list[bool]) -> list[Any]:
