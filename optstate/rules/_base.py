@@ -87,6 +87,32 @@ class Rule:
                 )
 
 
+class AcrossParameters(Rule):
+    """A rule that looks at all its parameters together: it defines ``apply_all``, and ``apply``
+    is that for a single parameter."""
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        (new,), (step,) = self.apply_all(hyper, [state], [param], [grad])
+        return new, step
+
+    def apply_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        raise NotImplementedError
+
+
+def check_member(rule: Any, container: str) -> None:
+    """``rule`` may stand inside ``container`` (a chain or a wrapper), or a TypeError says why."""
+    if not isinstance(rule, Rule):
+        raise TypeError(
+            f"{container} takes optstate rules, got {rule!r} of type {type(rule).__name__}"
+        )
+    if getattr(rule, "outermost_only", False):
+        raise TypeError(
+            f"{rule.name()} must be the outermost rule, not inside {container}: wrap it around"
+        )
+
+
 def _is_hyper(value: Any) -> bool:
     return isinstance(value, Schedule) or (
         isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ._base import Rule, abs2, cast, namespace, real_dtype, scalars
+from ._base import AcrossParameters, Rule, abs2, cast, namespace, real_dtype, scalars
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class ClipNorm(Rule):
 
 
 @dataclass(frozen=True)
-class ClipGlobalNorm(Rule):
+class ClipGlobalNorm(AcrossParameters):
     r"""Clipping by the norm of all parameters together: ``ClipGlobalNorm(max_norm)``.
 
     .. math::
@@ -98,10 +98,6 @@ class ClipGlobalNorm(Rule):
 
     def __post_init__(self) -> None:
         self._check()
-
-    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
-        (new,), (step,) = self.apply_all(hyper, [state], [param], [grad])
-        return new, step
 
     def apply_all(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]

@@ -7,11 +7,11 @@ from typing import Any
 
 import jax
 
-from ._base import Rule, namespace, select
+from ._base import AcrossParameters, Rule, check_member, namespace, select
 
 
 @dataclass(frozen=True, init=False)
-class OptimiserChain(Rule):
+class OptimiserChain(AcrossParameters):
     r"""Rules applied one after another: ``OptimiserChain(*rules)``.
 
     Each rule's step is the next rule's gradient; the last one's step is subtracted from the
@@ -25,15 +25,7 @@ class OptimiserChain(Rule):
 
     def __init__(self, *rules: Rule) -> None:
         for i, rule in enumerate(rules):
-            if not isinstance(rule, Rule):
-                raise TypeError(
-                    f"OptimiserChain takes optstate rules; argument {i} is {rule!r} "
-                    f"of type {type(rule).__name__}"
-                )
-            if getattr(rule, "outermost_only", False):
-                raise TypeError(
-                    f"{rule.name()} must be the outermost rule: wrap the chain in it instead"
-                )
+            check_member(rule, f"OptimiserChain (argument {i})")
         object.__setattr__(self, "rules", tuple(rules))
 
     def __repr__(self) -> str:
@@ -57,10 +49,6 @@ class OptimiserChain(Rule):
 
     def init(self, param: Any) -> tuple[Any, ...]:
         return tuple(rule.init(param) for rule in self.rules)
-
-    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
-        (new_state,), (step,) = self.apply_all(hyper, [state], [param], [grad])
-        return new_state, step
 
     def apply_all(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]

@@ -64,10 +64,7 @@ class Momentum(Rule):
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
-        xp = namespace(grad)
-        lr, mu = scalars(xp, grad.dtype, hyper["lr"], hyper["momentum"])
-        velocity = mu * state.velocity + grad
-        return MomentumState(velocity), lr * velocity
+        return _momentum(hyper, state, grad, nesterov=False)
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,11 @@ class Nesterov(Rule):
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
-        xp = namespace(grad)
-        lr, mu = scalars(xp, grad.dtype, hyper["lr"], hyper["momentum"])
-        velocity = mu * state.velocity + grad
-        return MomentumState(velocity), lr * (grad + mu * velocity)
+        return _momentum(hyper, state, grad, nesterov=True)
+
+
+def _momentum(hyper: Any, state: Any, grad: Any, *, nesterov: bool) -> tuple[Any, Any]:
+    xp = namespace(grad)
+    lr, mu = scalars(xp, grad.dtype, hyper["lr"], hyper["momentum"])
+    velocity = mu * state.velocity + grad
+    return MomentumState(velocity), lr * (grad + mu * velocity if nesterov else velocity)

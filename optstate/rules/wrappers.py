@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._base import Rule, cast, namespace, select
+from ._base import AcrossParameters, Rule, cast, check_member, namespace, select
 
 
 class AccumGradState(NamedTuple):
@@ -58,7 +58,7 @@ class SkipState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class SkipNonFinite(Rule):
+class SkipNonFinite(AcrossParameters):
     r"""Skip steps whose gradient is not finite: ``SkipNonFinite(rule)``.
 
     If any gradient of the parameters under this rule holds a NaN or an infinity, the step changes
@@ -71,7 +71,7 @@ class SkipNonFinite(Rule):
     rule: Rule
 
     def __post_init__(self) -> None:
-        _check_inner(self, self.rule)
+        check_member(self.rule, type(self).__name__)
 
     def hyper(self) -> Any:
         return self.rule.hyper()
@@ -86,10 +86,6 @@ class SkipNonFinite(Rule):
         return SkipState(
             self.rule.init(param), namespace(param).zeros((), dtype=namespace(param).int32)
         )
-
-    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
-        (new,), (step,) = self.apply_all(hyper, [state], [param], [grad])
-        return new, step
 
     def apply_all(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
@@ -128,7 +124,7 @@ class MixedPrecision(Rule):
     outermost_only: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_inner(self, self.rule)
+        check_member(self.rule, type(self).__name__)
 
     def hyper(self) -> Any:
         return self.rule.hyper()
@@ -169,15 +165,3 @@ class MixedPrecision(Rule):
 def _low_precision(x: Any) -> bool:
     xp = namespace(x)
     return bool(xp.isdtype(x.dtype, "real floating")) and xp.finfo(x.dtype).bits < 32
-
-
-def _check_inner(wrapper: Rule, rule: Any) -> None:
-    if not isinstance(rule, Rule):
-        raise TypeError(
-            f"{type(wrapper).__name__} wraps an optstate rule, got {rule!r} of type "
-            f"{type(rule).__name__}"
-        )
-    if getattr(rule, "outermost_only", False):
-        raise TypeError(
-            f"{rule.name()} must be the outermost rule, not inside {type(wrapper).__name__}"
-        )
