@@ -189,7 +189,10 @@ def test_rules_reject_non_numbers():
         ost.Adam("0.1")
     with pytest.raises(TypeError, match=r"betas=.*tuple"):
         ost.Adam(betas=(0.9, None))
-    with pytest.raises(TypeError, match=r"OptimiserChain \(argument 1\) takes optstate rules, got GradientTransformation"):
+    with pytest.raises(
+        TypeError,
+        match=r"OptimiserChain \(argument 1\) takes optstate rules, got GradientTransformation",
+    ):
         ost.OptimiserChain(ost.Descent(), optax.adam(1e-3))
     with pytest.raises(ValueError, match="ClipNorm"):
         ost.ClipNorm(1.0, p=0)

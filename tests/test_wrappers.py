@@ -170,7 +170,9 @@ def test_mixed_precision_must_be_outermost():
         ost.OptimiserChain(ost.MixedPrecision(ost.Adam()), ost.ClipGrad(1.0))
     with pytest.raises(TypeError, match="must be the outermost rule"):
         ost.SkipNonFinite(ost.MixedPrecision(ost.Adam()))
-    with pytest.raises(TypeError, match="SkipNonFinite takes optstate rules, got GradientTransformation"):
+    with pytest.raises(
+        TypeError, match="SkipNonFinite takes optstate rules, got GradientTransformation"
+    ):
         ost.SkipNonFinite(optax.adam(1e-3))
     with pytest.raises(ValueError, match="positive integer"):
         ost.AccumGrad(0)
