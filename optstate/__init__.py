@@ -19,9 +19,14 @@ from .adjust import adjust as adjust
 from .adjust import freeze as freeze
 from .adjust import thaw as thaw
 from .rules import AccumGrad as AccumGrad
+from .rules import AdaBelief as AdaBelief
+from .rules import AdaDelta as AdaDelta
 from .rules import Adafactor as Adafactor
+from .rules import AdaGrad as AdaGrad
 from .rules import Adam as Adam
+from .rules import AdaMax as AdaMax
 from .rules import AdamW as AdamW
+from .rules import AMSGrad as AMSGrad
 from .rules import ClipGlobalNorm as ClipGlobalNorm
 from .rules import ClipGrad as ClipGrad
 from .rules import ClipNorm as ClipNorm
@@ -31,14 +36,19 @@ from .rules import Lars as Lars
 from .rules import Lion as Lion
 from .rules import MixedPrecision as MixedPrecision
 from .rules import Momentum as Momentum
+from .rules import NAdam as NAdam
 from .rules import Nesterov as Nesterov
+from .rules import OAdam as OAdam
 from .rules import OptimiserChain as OptimiserChain
+from .rules import RAdam as RAdam
+from .rules import RMSProp as RMSProp
 from .rules import Rprop as Rprop
 from .rules import Rule as Rule
 from .rules import SignDecay as SignDecay
 from .rules import Signum as Signum
 from .rules import SkipNonFinite as SkipNonFinite
 from .rules import WeightDecay as WeightDecay
+from .rules import Yogi as Yogi
 from .transpose import Transpose as Transpose
 
 __version__ = "0.1.0"

@@ -21,3 +21,19 @@ def test_code_blocks_run(page):
         for i, block in enumerate(blocks):
             code = compile(block, f"{page.name}[block {i}]", "exec")
             exec(code, namespace)
+
+
+def test_every_rule_is_in_the_rules_table():
+    import optstate as ost
+
+    table = (ROOT / "docs" / "rules.md").read_text()
+    rules = [
+        name
+        for name in dir(ost)
+        if isinstance(getattr(ost, name), type)
+        and issubclass(getattr(ost, name), ost.Rule)
+        and name != "Rule"
+    ]
+    assert len(rules) >= 30
+    missing = [name for name in rules if f"| `{name}(" not in table]
+    assert not missing, f"rules missing from docs/rules.md: {missing}"

@@ -4,6 +4,16 @@ from ._base import Rule as Rule
 from .adafactor import Adafactor as Adafactor
 from .adam import Adam as Adam
 from .adam import AdamW as AdamW
+from .adaptive import AdaBelief as AdaBelief
+from .adaptive import AdaDelta as AdaDelta
+from .adaptive import AdaGrad as AdaGrad
+from .adaptive import AdaMax as AdaMax
+from .adaptive import AMSGrad as AMSGrad
+from .adaptive import NAdam as NAdam
+from .adaptive import OAdam as OAdam
+from .adaptive import RAdam as RAdam
+from .adaptive import RMSProp as RMSProp
+from .adaptive import Yogi as Yogi
 from .clip import ClipGlobalNorm as ClipGlobalNorm
 from .clip import ClipGrad as ClipGrad
 from .clip import ClipNorm as ClipNorm

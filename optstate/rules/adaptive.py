@@ -1,0 +1,466 @@
+"""Adaptive rules: a per-element step size from the history of the gradient.
+
+Here: ``RMSProp``, ``AdaGrad`` and ``AdaDelta`` (as ``torch.optim``), ``OAdam``, ``AdaBelief`` and
+``Yogi`` (as optax); from ``adaptive2``: ``RAdam``, ``NAdam``, ``AdaMax`` and ``AMSGrad`` (as
+``torch.optim``). Where torch has the rule, its arithmetic is reproduced (without its
+``weight_decay``: chain ``WeightDecay`` for that), complex parameters included, which torch treats
+as pairs of reals; where torch and optax disagree a keyword-only option gives optax's convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from ._base import Rule, abs2, cast, namespace, real_dtype
+from .adaptive2 import (
+    NONNEG,
+    UNIT,
+    UNIT_CLOSED,
+    AdaMax,
+    AMSGrad,
+    NAdam,
+    RAdam,
+    as_dtype,
+    by_parts,
+    check,
+    full_like,
+    moment_zeros,
+    powers,
+    wide_dtype,
+)
+
+__all__ = [
+    "AMSGrad",
+    "AdaBelief",
+    "AdaDelta",
+    "AdaGrad",
+    "AdaMax",
+    "NAdam",
+    "OAdam",
+    "RAdam",
+    "RMSProp",
+    "Yogi",
+]
+
+
+class RMSPropState(NamedTuple):
+    nu: Any  # the average v of g^2, the parameter's dtype (real and imaginary parts separately)
+    mu: Any  # the average of g with centred=True, else None
+    velocity: Any  # the momentum buffer b, the parameter's dtype
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class RMSProp(Rule):
+    r"""RMSProp: ``RMSProp(lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, *, centred=False,
+    eps_in_sqrt=False, initial_accumulator=0.0)``.
+
+    .. math::
+        v \leftarrow \alpha v + (1-\alpha)\, g^2, \qquad
+        d = \sqrt{v} + \epsilon, \qquad
+        b \leftarrow \mu b + g / d, \qquad
+        p \leftarrow p - \eta\, b
+
+    with :math:`\eta` = ``lr``, :math:`\alpha` = ``alpha``, :math:`\epsilon` = ``eps``,
+    :math:`\mu` = ``momentum``, and :math:`v` starting at ``initial_accumulator``, :math:`b` at
+    zero; with :math:`\mu = 0` the step is :math:`\eta\, g / d` (the buffer is kept all the same,
+    so that ``momentum`` can change between compiled steps). ``centred=True`` also tracks
+    :math:`\bar g \leftarrow \alpha \bar g + (1-\alpha)\, g` and uses
+    :math:`d = \sqrt{v - \bar g^2} + \epsilon`. Reproduces ``torch.optim.RMSprop``, also for
+    complex parameters (real and imaginary parts separately). ``eps_in_sqrt=True`` puts
+    :math:`\epsilon` under the root, :math:`d = \sqrt{v + \epsilon}`: then the rule is
+    ``optax.rmsprop(lr, decay=alpha, eps=eps, initial_scale=initial_accumulator, centered=centred,
+    momentum=momentum)`` (whose momentum acts after the learning rate: the same for a constant
+    one).
+
+    Reference: Tieleman and Hinton, *Lecture 6.5, rmsprop* (COURSERA: Neural Networks for Machine
+    Learning, 2012); centred: Graves, *Generating Sequences With Recurrent Neural Networks* (2013),
+    https://arxiv.org/abs/1308.0850
+    """
+
+    lr: float = 1e-2
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+    _: KW_ONLY
+    centred: bool = False
+    eps_in_sqrt: bool = False
+    initial_accumulator: float = 0.0
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "alpha", "eps", "momentum")
+
+    def __post_init__(self) -> None:
+        check(
+            self,
+            ("centred", "eps_in_sqrt"),
+            lr=NONNEG,
+            alpha=NONNEG,
+            eps=NONNEG,
+            momentum=NONNEG,
+            initial_accumulator=NONNEG,
+        )
+
+    def init(self, param: Any) -> RMSPropState:
+        xp = namespace(param)
+        return RMSPropState(
+            nu=full_like(param, self.initial_accumulator, both_parts=True),
+            mu=xp.zeros_like(param) if self.centred else None,
+            velocity=xp.zeros_like(param),
+            count=xp.zeros((), dtype=xp.int32),
+        )
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, real = namespace(grad), real_dtype(namespace(grad), grad)
+        h = (hyper["lr"], hyper["alpha"], hyper["eps"], hyper["momentum"])
+        lr, alpha, eps, momentum = as_dtype(xp, wide_dtype(xp, real, *h), *h)
+        lr, alpha, w, eps, momentum = as_dtype(xp, real, lr, alpha, 1 - alpha, eps, momentum)
+        with_momentum = momentum > 0
+
+        def kernel(g: Any, v: Any, g_avg: Any, b: Any) -> tuple[Any, Any, Any, Any]:
+            v = v * alpha + (w * g) * g
+            var = v
+            if self.centred:
+                g_avg = g_avg + w * (g - g_avg)
+                var = v - g_avg * g_avg
+            d = xp.sqrt(var + eps) if self.eps_in_sqrt else xp.sqrt(var) + eps
+            b = b * momentum + g / d
+            return v, g_avg, b, xp.where(with_momentum, lr * b, (lr * g) / d)
+
+        nu, mu, velocity, step = by_parts(xp, kernel, grad, state.nu, state.mu, state.velocity)
+        return RMSPropState(nu, mu, velocity, xp.asarray(state.count + 1)), step
+
+
+class AdaGradState(NamedTuple):
+    sum_of_squares: Any  # s, the parameter's dtype (real and imaginary parts separately)
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class AdaGrad(Rule):
+    r"""AdaGrad: ``AdaGrad(lr=1e-2, lr_decay=0.0, eps=1e-10, *, initial_accumulator=0.0,
+    eps_in_sqrt=False)``.
+
+    .. math::
+        s \leftarrow s + g^2, \qquad
+        p \leftarrow p - \frac{\eta}{1 + (t-1)\lambda}\, \frac{g}{\sqrt{s} + \epsilon}
+
+    with :math:`\eta` = ``lr``, :math:`\lambda` = ``lr_decay``, :math:`\epsilon` = ``eps``,
+    :math:`t` this parameter's step count and :math:`s` starting at ``initial_accumulator``.
+    Reproduces ``torch.optim.Adagrad``, also for complex parameters (real and imaginary parts
+    separately, each starting at ``initial_accumulator``). ``eps_in_sqrt=True`` divides by
+    :math:`\sqrt{s + \epsilon}` instead; with ``initial_accumulator=0.1, eps=1e-7`` that is
+    ``optax.adagrad``.
+
+    Reference: Duchi, Hazan and Singer, *Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization* (JMLR 2011), https://jmlr.org/papers/v12/duchi11a.html
+    """
+
+    lr: float = 1e-2
+    lr_decay: float = 0.0
+    eps: float = 1e-10
+    _: KW_ONLY
+    initial_accumulator: float = 0.0
+    eps_in_sqrt: bool = False
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "lr_decay", "eps")
+
+    def __post_init__(self) -> None:
+        check(
+            self,
+            ("eps_in_sqrt",),
+            lr=NONNEG,
+            lr_decay=NONNEG,
+            eps=NONNEG,
+            initial_accumulator=NONNEG,
+        )
+
+    def init(self, param: Any) -> AdaGradState:
+        xp = namespace(param)
+        return AdaGradState(
+            full_like(param, self.initial_accumulator, both_parts=True),
+            xp.zeros((), dtype=xp.int32),
+        )
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, real = namespace(grad), real_dtype(namespace(grad), grad)
+        count = xp.asarray(state.count + 1)
+        h = (hyper["lr"], hyper["lr_decay"], hyper["eps"])
+        lr, decay, eps, t = as_dtype(xp, wide_dtype(xp, real, *h), *h, count)
+        clr, eps = as_dtype(xp, real, lr / (1 + (t - 1) * decay), eps)
+
+        def kernel(g: Any, s: Any) -> tuple[Any, Any]:
+            s = s + g * g
+            std = xp.sqrt(s + eps) if self.eps_in_sqrt else xp.sqrt(s) + eps
+            return s, (clr * g) / std
+
+        total, step = by_parts(xp, kernel, grad, state.sum_of_squares)
+        return AdaGradState(total, count), step
+
+
+class AdaDeltaState(NamedTuple):
+    nu: Any  # the average v of g^2, the parameter's dtype (real and imaginary parts separately)
+    delta: Any  # the average u of squared updates, likewise
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class AdaDelta(Rule):
+    r"""AdaDelta: ``AdaDelta(lr=1.0, rho=0.9, eps=1e-6)``.
+
+    .. math::
+        v \leftarrow \rho v + (1-\rho)\, g^2, \qquad
+        \Delta = \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}}\, g, \qquad
+        u \leftarrow \rho u + (1-\rho)\, \Delta^2, \qquad
+        p \leftarrow p - \eta\, \Delta
+
+    with :math:`\eta` = ``lr``, :math:`\rho` = ``rho``, :math:`\epsilon` = ``eps`` and
+    :math:`v, u` starting at zero. Reproduces ``torch.optim.Adadelta`` and ``optax.adadelta``
+    (which agree); complex parameters as torch, real and imaginary parts separately.
+
+    Reference: Zeiler, *ADADELTA: An Adaptive Learning Rate Method* (2012),
+    https://arxiv.org/abs/1212.5701
+    """
+
+    lr: float = 1.0
+    rho: float = 0.9
+    eps: float = 1e-6
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "rho", "eps")
+
+    def __post_init__(self) -> None:
+        check(self, lr=NONNEG, rho=UNIT_CLOSED, eps=NONNEG)
+
+    def init(self, param: Any) -> AdaDeltaState:
+        xp = namespace(param)
+        return AdaDeltaState(
+            xp.zeros_like(param), xp.zeros_like(param), xp.zeros((), dtype=xp.int32)
+        )
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, real = namespace(grad), real_dtype(namespace(grad), grad)
+        h = (hyper["lr"], hyper["rho"], hyper["eps"])
+        lr, rho, eps = as_dtype(xp, wide_dtype(xp, real, *h), *h)
+        lr, rho, w, eps = as_dtype(xp, real, lr, rho, 1 - rho, eps)
+
+        def kernel(g: Any, v: Any, u: Any) -> tuple[Any, Any, Any]:
+            v = v * rho + (w * g) * g
+            delta = (xp.sqrt(u + eps) / xp.sqrt(v + eps)) * g
+            u = u * rho + (w * delta) * delta
+            return v, u, lr * delta
+
+        nu, delta, step = by_parts(xp, kernel, grad, state.nu, state.delta)
+        return AdaDeltaState(nu, delta, xp.asarray(state.count + 1)), step
+
+
+# -- optax's Adam variants: complex parameters through |g|^2, as optax ---------------------------
+
+
+def _corrected(xp: Any, b1: Any, t: Any, m: Any, g: Any, nesterov: bool) -> Any:
+    """optax's bias-corrected first moment, in ``m``'s dtype: ``m / (1 - b1**t)``, or with
+    ``nesterov`` the look-ahead ``b1 m / (1 - b1**(t+1)) + (1 - b1) g / (1 - b1**t)``."""
+    _, bc = powers(xp, b1, t)
+    if not nesterov:
+        (bc_,) = as_dtype(xp, m.dtype, bc)
+        return m / bc_
+    _, bc_next = powers(xp, b1, t + 1)
+    b1_, w1, bc_, bc_next_ = as_dtype(xp, m.dtype, b1, 1 - b1, bc, bc_next)
+    return b1_ * (m / bc_next_) + w1 * (g / bc_)
+
+
+class OAdamState(NamedTuple):
+    mu: Any  # first moment m, in mu_dtype (the parameter's dtype by default)
+    nu: Any  # second moment v of |g|, real-valued
+    previous: Any  # the previous direction r, the parameter's dtype
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class OAdam(Rule):
+    r"""Optimistic Adam: ``OAdam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, alpha=1.0, beta=1.0, *,
+    nesterov=True, mu_dtype=None)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, |g|^2, \qquad
+        r_t = \frac{\hat m}{\sqrt{v / (1-\beta_2^t)} + \epsilon}, \\
+        p \leftarrow p - \eta \left( (\alpha + \beta)\, r_t - \beta\, r_{t-1} \right),
+        \qquad r_0 = r_1
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``,
+    :math:`\alpha, \beta` = ``alpha, beta`` and :math:`t` this parameter's step count;
+    :math:`\hat m = \beta_1 m / (1-\beta_1^{t+1}) + (1-\beta_1)\, g / (1-\beta_1^t)` (Nesterov), or
+    :math:`m / (1-\beta_1^t)` with ``nesterov=False``. Reproduces
+    ``optax.optimistic_adam_v2`` (torch has no such rule), complex parameters included; optax has
+    no default learning rate, this one is Adam's. ``mu_dtype`` stores :math:`m` in another real
+    dtype; the arithmetic is in the parameter's dtype.
+
+    Reference: Daskalakis, Ilyas, Syrgkanis and Zeng, *Training GANs with Optimism* (ICLR 2018),
+    https://arxiv.org/abs/1711.00141
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    alpha: float = 1.0
+    beta: float = 1.0
+    _: KW_ONLY
+    nesterov: bool = True
+    mu_dtype: Any = None
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "alpha", "beta")
+
+    def __post_init__(self) -> None:
+        check(self, ("nesterov",), lr=NONNEG, betas=UNIT, eps=NONNEG)
+
+    def init(self, param: Any) -> OAdamState:
+        xp = namespace(param)
+        return OAdamState(
+            mu=moment_zeros(self, self.mu_dtype, param),
+            nu=xp.zeros_like(param, dtype=real_dtype(xp, param)),
+            previous=xp.zeros_like(param),
+            count=xp.zeros((), dtype=xp.int32),
+        )
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, dtype, real = namespace(grad), grad.dtype, real_dtype(namespace(grad), grad)
+        beta1, beta2 = hyper["betas"]
+        h = (hyper["lr"], beta1, beta2, hyper["eps"], hyper["alpha"], hyper["beta"])
+        count = xp.asarray(state.count + 1)
+        wide = wide_dtype(xp, real, *h)
+        lr, b1, b2, eps, alpha, beta, t = as_dtype(xp, wide, *h, count)
+        w1_, b1_, lr_, ab_, beta_ = as_dtype(xp, dtype, 1 - b1, b1, lr, alpha + beta, beta)
+        w2_, b2_, eps_ = as_dtype(xp, real, 1 - b2, b2, eps)
+        _, bc2 = powers(xp, b2, t)
+        mu = w1_ * grad + b1_ * cast(state.mu, dtype)
+        nu = w2_ * abs2(xp, grad) + b2_ * state.nu
+        m_hat = _corrected(xp, b1, t, mu, grad, self.nesterov)
+        (bc2_,) = as_dtype(xp, real, bc2)
+        r = m_hat / cast(xp.sqrt(nu / bc2_) + eps_, dtype)
+        previous = xp.where(state.count == 0, r, state.previous)
+        step = lr_ * (ab_ * r - beta_ * previous)
+        return OAdamState(cast(mu, state.mu.dtype), nu, r, count), step
+
+
+class AdaBeliefState(NamedTuple):
+    mu: Any  # first moment m, the parameter's dtype
+    nu: Any  # second moment s of the prediction error |g - m|, real-valued
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class AdaBelief(Rule):
+    r"""AdaBelief: ``AdaBelief(lr=1e-3, betas=(0.9, 0.999), eps=1e-16, eps_root=1e-16, *,
+    nesterov=False)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad
+        s \leftarrow \beta_2 s + (1-\beta_2)\, |g - m|^2 + \epsilon_r, \qquad
+        p \leftarrow p - \eta\, \frac{\hat m}{\sqrt{s / (1-\beta_2^t)} + \epsilon}
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``,
+    :math:`\epsilon_r` = ``eps_root``, :math:`t` this parameter's step count and
+    :math:`\hat m = m / (1-\beta_1^t)`, or with ``nesterov=True``
+    :math:`\beta_1 m / (1-\beta_1^{t+1}) + (1-\beta_1)\, g / (1-\beta_1^t)`. Reproduces
+    ``optax.adabelief`` (torch has no such rule), complex parameters included; optax has no default
+    learning rate, this one is the paper's.
+
+    Reference: Zhuang et al., *AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed
+    Gradients* (NeurIPS 2020), https://arxiv.org/abs/2010.07468
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-16
+    eps_root: float = 1e-16
+    _: KW_ONLY
+    nesterov: bool = False
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "eps_root")
+
+    def __post_init__(self) -> None:
+        check(self, ("nesterov",), lr=NONNEG, betas=UNIT, eps=NONNEG, eps_root=NONNEG)
+
+    def init(self, param: Any) -> AdaBeliefState:
+        xp = namespace(param)
+        nu = xp.zeros_like(param, dtype=real_dtype(xp, param))
+        return AdaBeliefState(xp.zeros_like(param), nu, xp.zeros((), dtype=xp.int32))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, dtype, real = namespace(grad), grad.dtype, real_dtype(namespace(grad), grad)
+        beta1, beta2 = hyper["betas"]
+        h = (hyper["lr"], beta1, beta2, hyper["eps"], hyper["eps_root"])
+        count = xp.asarray(state.count + 1)
+        wide = wide_dtype(xp, real, *h)
+        lr, b1, b2, eps, eps_root, t = as_dtype(xp, wide, *h, count)
+        w1_, b1_, lr_ = as_dtype(xp, dtype, 1 - b1, b1, lr)
+        w2_, b2_, eps_, eps_root_ = as_dtype(xp, real, 1 - b2, b2, eps, eps_root)
+        mu = w1_ * grad + b1_ * state.mu
+        nu = (w2_ * abs2(xp, grad - mu) + b2_ * state.nu) + eps_root_
+        m_hat = _corrected(xp, b1, t, mu, grad, self.nesterov)
+        _, bc2 = powers(xp, b2, t)
+        (bc2_,) = as_dtype(xp, real, bc2)
+        step = lr_ * (m_hat / cast(xp.sqrt(nu / bc2_) + eps_, dtype))
+        return AdaBeliefState(mu, nu, count), step
+
+
+class YogiState(NamedTuple):
+    mu: Any  # first moment m, the parameter's dtype
+    nu: Any  # second moment v of |g|, real-valued
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class Yogi(Rule):
+    r"""Yogi: ``Yogi(lr=1e-2, betas=(0.9, 0.999), eps=1e-3, *, initial_accumulator=1e-6)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad
+        v \leftarrow v - (1-\beta_2)\, \operatorname{sign}(v - |g|^2)\, |g|^2, \\
+        p \leftarrow p - \eta\, \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``,
+    :math:`t` this parameter's step count and :math:`m, v` both starting at
+    ``initial_accumulator``: :math:`v` moves towards :math:`|g|^2` by an additive step, so the
+    effective rate cannot grow as fast as Adam's. Reproduces ``optax.yogi`` (torch has no such
+    rule), complex parameters included; optax has no default learning rate, this one is the
+    paper's.
+
+    Reference: Zaheer et al., *Adaptive Methods for Nonconvex Optimization* (NeurIPS 2018),
+    https://papers.nips.cc/paper/8186-adaptive-methods-for-nonconvex-optimization
+    """
+
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-3
+    _: KW_ONLY
+    initial_accumulator: float = 1e-6
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+
+    def __post_init__(self) -> None:
+        check(self, lr=NONNEG, betas=UNIT, eps=NONNEG, initial_accumulator=NONNEG)
+
+    def init(self, param: Any) -> YogiState:
+        xp = namespace(param)
+        nu = xp.full_like(param, self.initial_accumulator, dtype=real_dtype(xp, param))
+        mu = full_like(param, self.initial_accumulator, both_parts=False)
+        return YogiState(mu, nu, xp.zeros((), dtype=xp.int32))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, dtype, real = namespace(grad), grad.dtype, real_dtype(namespace(grad), grad)
+        beta1, beta2 = hyper["betas"]
+        h = (hyper["lr"], beta1, beta2, hyper["eps"])
+        count = xp.asarray(state.count + 1)
+        wide = wide_dtype(xp, real, *h)
+        lr, b1, b2, eps, t = as_dtype(xp, wide, *h, count)
+        w1_, b1_, lr_ = as_dtype(xp, dtype, 1 - b1, b1, lr)
+        w2_, eps_ = as_dtype(xp, real, 1 - b2, eps)
+        mu = w1_ * grad + b1_ * state.mu
+        g2 = abs2(xp, grad)
+        nu = state.nu - (w2_ * xp.sign(state.nu - g2)) * g2
+        m_hat = _corrected(xp, b1, t, mu, grad, nesterov=False)
+        _, bc2 = powers(xp, b2, t)
+        (bc2_,) = as_dtype(xp, real, bc2)
+        step = lr_ * (m_hat / cast(xp.sqrt(nu / bc2_) + eps_, dtype))
+        return YogiState(mu, nu, count), step

@@ -1,0 +1,444 @@
+"""Adam's variants with a ``torch.optim`` reference (RAdam, NAdam, AdaMax, AMSGrad), and the helpers
+the adaptive rules share. Import the rules from ``optstate.rules.adaptive``.
+
+Scalar arithmetic (bias corrections, schedules of the momentum) runs in ``float64`` when the
+parameter or the hyper-parameters are ``float64`` (as torch computes it in Python floats), else in
+``float32``; only the resulting factors are cast to the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._base import Rule, cast, namespace, real_dtype
+
+__all__ = ["AMSGrad", "AdaMax", "NAdam", "RAdam"]  # the helpers below serve adaptive.py only
+
+# -- helpers shared with adaptive.py -------------------------------------------------------------
+
+
+def wide_dtype(xp: Any, real: Any, *values: Any) -> Any:
+    """The dtype of scalar arithmetic: ``float64`` if ``real`` or any hyper-parameter is, else
+    ``float32`` (never less, so ``bfloat16`` parameters get ``float32`` bias corrections)."""
+    dtypes = [real]
+    for v in values:
+        dtype = getattr(v, "dtype", None)
+        dtypes.append(xp.asarray(v).dtype if dtype is None else dtype)
+    # by name, so that NumPy hyper-parameters also widen another namespace's arithmetic
+    wide = any(str(d).rsplit(".", 1)[-1] == "float64" for d in dtypes)
+    return xp.float64 if wide else xp.float32
+
+
+def as_dtype(xp: Any, dtype: Any, *values: Any) -> tuple[Any, ...]:
+    """Numbers and 0-d arrays as 0-d arrays of ``dtype``."""
+    return tuple(xp.asarray(v, dtype=dtype) for v in values)
+
+
+def powers(xp: Any, beta: Any, t: Any) -> tuple[Any, Any]:
+    """``(beta**t, 1 - beta**t)``. The second as ``-expm1(t log beta)``: accurate to a few ulps
+    where ``beta**t`` is near 1, which a float32 subtraction is not (torch subtracts in float64)."""
+    positive = beta > 0
+    log = xp.log(xp.where(positive, beta, xp.ones_like(beta)))
+    one = xp.ones_like(beta)
+    return xp.where(positive, xp.exp(t * log), 0 * one), xp.where(positive, -xp.expm1(t * log), one)
+
+
+def by_parts(xp: Any, fn: Any, grad: Any, *buffers: Any) -> tuple[Any, ...]:
+    """``fn(grad, *buffers)`` on real arrays; for complex ones applied to the real and the imaginary
+    parts separately and put back together (torch's ``view_as_real``). ``None`` passes through."""
+    if not xp.isdtype(grad.dtype, "complex floating"):
+        return tuple(fn(grad, *buffers))
+
+    def part(take: Any) -> tuple[Any, ...]:
+        return tuple(fn(take(grad), *(None if b is None else take(b) for b in buffers)))
+
+    one_j = xp.asarray(1j, dtype=grad.dtype)
+    return tuple(
+        None if re is None else cast(re, grad.dtype) + one_j * cast(im, grad.dtype)
+        for re, im in zip(part(xp.real), part(xp.imag), strict=True)
+    )
+
+
+def full_like(param: Any, value: float, *, both_parts: bool) -> Any:
+    """A buffer of ``value``; for complex parameters ``value + value j`` with ``both_parts``
+    (torch's element-wise convention), else ``value + 0j`` (optax's)."""
+    xp = namespace(param)
+    if xp.isdtype(param.dtype, "complex floating") and both_parts:
+        return xp.full_like(param, complex(value, value))
+    return xp.full_like(param, value)
+
+
+def moment_zeros(rule: Rule, mu_dtype: Any, param: Any) -> Any:
+    """The first-moment buffer: zeros in ``mu_dtype``, or in the parameter's dtype for ``None``."""
+    xp = namespace(param)
+    if mu_dtype is None:
+        return xp.zeros_like(param)
+    if xp.isdtype(param.dtype, "complex floating"):
+        raise TypeError(
+            f"{rule.name()}(mu_dtype={mu_dtype!r}) stores the first moment in a real dtype, but "
+            f"the parameter is {param.dtype}; use mu_dtype=None for complex parameters"
+        )
+    if not _is_torch_dtype(mu_dtype):
+        mu_dtype = np.dtype(mu_dtype)  # names such as "bfloat16" as dtypes every namespace takes
+    return xp.zeros_like(param, dtype=mu_dtype)
+
+
+def check(rule: Rule, flags: tuple[str, ...] = (), **bounds: tuple[float, float, str]) -> None:
+    """``Rule._check``, then: every plain number of ``bounds`` within them (schedules are not
+    checked), ``betas`` a pair, the static ``flags`` booleans, ``mu_dtype`` a real floating dtype
+    or ``None``."""
+    rule._check()
+    name = type(rule).__name__
+    for field, (low, high, close) in bounds.items():
+        value = getattr(rule, field)
+        pair = isinstance(value, tuple) and len(value) == 2
+        if field == "betas" and value is not None and not pair:
+            raise TypeError(f"{name}(betas=...) must be a pair, got {value!r}")
+        for v in value if isinstance(value, tuple) else (value,):
+            if not isinstance(v, numbers.Real):
+                continue  # a schedule, or None in a structure()
+            if not (low <= float(v) < high or (close == "]" and float(v) == high)):
+                raise ValueError(
+                    f"{name}({field}=...) must be in [{low}, {high}{close}, got {value!r}"
+                )
+    for flag in flags:
+        flag_value = getattr(rule, flag)
+        if not isinstance(flag_value, bool):
+            raise TypeError(f"{name}({flag}=...) must be True or False, got {flag_value!r}")
+    mu_dtype = getattr(rule, "mu_dtype", None)
+    if mu_dtype is not None and not _is_real_float(mu_dtype):
+        raise TypeError(
+            f"{name}(mu_dtype=...) must be a real floating dtype or None, got {mu_dtype!r}"
+        )
+
+
+def _is_torch_dtype(dtype: Any) -> bool:
+    return type(dtype).__module__ == "torch"
+
+
+def _is_real_float(dtype: Any) -> bool:
+    if _is_torch_dtype(dtype):
+        return bool(dtype.is_floating_point)
+    try:
+        return bool(jnp.issubdtype(np.dtype(dtype), jnp.floating))
+    except TypeError:
+        return False
+
+
+UNIT = (0.0, 1.0, ")")  # betas
+UNIT_CLOSED = (0.0, 1.0, "]")
+NONNEG = (0.0, math.inf, ")")
+
+
+def _moments_init(rule: Any, param: Any) -> tuple[Any, Any, Any]:
+    xp = namespace(param)
+    return (
+        moment_zeros(rule, rule.mu_dtype, param),
+        xp.zeros_like(param),
+        xp.zeros((), dtype=xp.int32),
+    )
+
+
+# -- the rules --------------------------------------------------------------------------------
+
+
+class RAdamState(NamedTuple):
+    mu: Any  # first moment m, the parameter's dtype
+    nu: Any  # second moment v, the parameter's dtype (real and imaginary parts separately)
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class RAdam(Rule):
+    r"""Rectified Adam: ``RAdam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *,
+    correct_before_eps=False)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad v \leftarrow \beta_2 v + (1-\beta_2)\, g^2,
+        \\
+        \rho_\infty = \frac{2}{1-\beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1-\beta_2^t}, \qquad
+        r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}},
+        \\
+        p \leftarrow p - \eta\, \frac{m}{1-\beta_1^t} \cdot
+        \begin{cases} r_t \sqrt{1-\beta_2^t} / (\sqrt{v} + \epsilon) & \rho_t > 5 \\
+        1 & \text{otherwise} \end{cases}
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``
+    and :math:`t` this parameter's step count: plain momentum until the variance of the adaptive
+    rate is tractable (:math:`\rho_t > 5`), then Adam rectified by :math:`r_t`. Reproduces
+    ``torch.optim.RAdam``, also for complex parameters (real and imaginary parts separately).
+    ``correct_before_eps=True`` adds :math:`\epsilon` to :math:`\sqrt{v/(1-\beta_2^t)}` instead, as
+    ``optax.radam`` does (which switches at :math:`\rho_t \ge 5`, a difference only at exactly 5).
+
+    Reference: Liu et al., *On the Variance of the Adaptive Learning Rate and Beyond* (ICLR 2020),
+    https://arxiv.org/abs/1908.03265
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    _: KW_ONLY
+    correct_before_eps: bool = False
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+
+    def __post_init__(self) -> None:
+        check(self, ("correct_before_eps",), lr=NONNEG, betas=UNIT, eps=NONNEG)
+
+    def init(self, param: Any) -> RAdamState:
+        xp = namespace(param)
+        return RAdamState(xp.zeros_like(param), xp.zeros_like(param), xp.zeros((), dtype=xp.int32))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, real = namespace(grad), real_dtype(namespace(grad), grad)
+        beta1, beta2 = hyper["betas"]
+        count = xp.asarray(state.count + 1)
+        wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
+        lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
+        _, bc1 = powers(xp, b1, t)
+        b2t, bc2 = powers(xp, b2, t)
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * t * b2t / bc2
+        rectify = rho > 5
+        # r_t only where it is used; elsewhere 6 keeps every factor positive (rho_inf >= rho_t)
+        six = 6 * xp.ones_like(rho)
+        rho, rho_inf = xp.where(rectify, rho, six), xp.where(rectify, rho_inf, six)
+        r = xp.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        w1, w2, b2_, eps_, lr_, bc1_, bc2_, r_, sqrt_bc2 = as_dtype(
+            xp, real, 1 - b1, 1 - b2, b2, eps, lr, bc1, bc2, r, xp.sqrt(bc2)
+        )
+
+        def kernel(g: Any, m: Any, v: Any) -> tuple[Any, Any, Any]:
+            m = m + w1 * (g - m)
+            v = v * b2_ + (w2 * g) * g
+            m_hat_lr = (m / bc1_) * lr_
+            if self.correct_before_eps:
+                adaptive = 1 / (xp.sqrt(v / bc2_) + eps_)
+            else:
+                adaptive = sqrt_bc2 / (xp.sqrt(v) + eps_)
+            return m, v, xp.where(rectify, (m_hat_lr * adaptive) * r_, m_hat_lr)
+
+        mu, nu, step = by_parts(xp, kernel, grad, state.mu, state.nu)
+        return RAdamState(mu, nu, count), step
+
+
+class NAdamState(NamedTuple):
+    mu: Any  # first moment m, in mu_dtype (the parameter's dtype by default)
+    nu: Any  # second moment v, the parameter's dtype (real and imaginary parts separately)
+    mu_product: Any  # prod of mu_1..mu_t, a 0-d float32 (float64 for float64 parameters)
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class NAdam(Rule):
+    r"""Adam with Nesterov momentum: ``NAdam(lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+    momentum_decay=4e-3, *, momentum_schedule=True, mu_dtype=None)``.
+
+    .. math::
+        \mu_t = \beta_1 \left(1 - \tfrac12\, 0.96^{t\psi}\right), \qquad
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, g^2, \\
+        p \leftarrow p - \eta \left(
+        \frac{(1-\mu_t)\, g}{1 - \prod_{i \le t} \mu_i}
+        + \frac{\mu_{t+1}\, m}{1 - \prod_{i \le t+1} \mu_i} \right)
+        \Big/ \left(\sqrt{v / (1-\beta_2^t)} + \epsilon\right)
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``,
+    :math:`\psi` = ``momentum_decay`` and :math:`t` this parameter's step count. Reproduces
+    ``torch.optim.NAdam``, also for complex parameters (real and imaginary parts separately).
+    ``momentum_schedule=False`` keeps :math:`\mu_t = \beta_1` (``momentum_decay`` is then unused),
+    which is ``optax.nadam``. ``mu_dtype`` stores :math:`m` in another real dtype (e.g.
+    ``jnp.bfloat16``); the arithmetic is in the parameter's dtype.
+
+    Reference: Dozat, *Incorporating Nesterov Momentum into Adam* (ICLR 2016 workshop),
+    https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
+    """
+
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum_decay: float = 4e-3
+    _: KW_ONLY
+    momentum_schedule: bool = True
+    mu_dtype: Any = None
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "momentum_decay")
+
+    def __post_init__(self) -> None:
+        check(
+            self,
+            ("momentum_schedule",),
+            lr=NONNEG,
+            betas=UNIT,
+            eps=NONNEG,
+            momentum_decay=NONNEG,
+        )
+
+    def init(self, param: Any) -> NAdamState:
+        xp = namespace(param)
+        product = xp.float64 if real_dtype(xp, param) == xp.float64 else xp.float32
+        mu, nu, count = _moments_init(self, param)
+        return NAdamState(mu, nu, xp.ones((), dtype=product), count)
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, real = namespace(grad), real_dtype(namespace(grad), grad)
+        beta1, beta2 = hyper["betas"]
+        h = (hyper["lr"], beta1, beta2, hyper["eps"], hyper["momentum_decay"])
+        count = xp.asarray(state.count + 1)
+        wide = wide_dtype(xp, real, *h)
+        lr, b1, b2, eps, psi, t = as_dtype(xp, wide, *h, count)
+        _, bc2 = powers(xp, b2, t)
+        if self.momentum_schedule:
+            mu_t = b1 * (1 - 0.5 * 0.96 ** (t * psi))
+            mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * psi))
+        else:
+            mu_t = mu_next = b1
+        (mu_t_stored,) = as_dtype(xp, state.mu_product.dtype, mu_t)
+        product = state.mu_product * mu_t_stored
+        (product_wide,) = as_dtype(xp, wide, product)
+        c_grad = lr * (1 - mu_t) / (1 - product_wide)
+        c_mom = lr * mu_next / (1 - product_wide * mu_next)
+        w1, w2, b2_, eps_, bc2_, c_grad, c_mom = as_dtype(
+            xp, real, 1 - b1, 1 - b2, b2, eps, bc2, c_grad, c_mom
+        )
+
+        def kernel(g: Any, m: Any, v: Any) -> tuple[Any, Any, Any]:
+            m = m + w1 * (g - m)
+            v = v * b2_ + (w2 * g) * g
+            denom = xp.sqrt(v / bc2_) + eps_
+            return m, v, (c_grad * g) / denom + (c_mom * m) / denom
+
+        mu, nu, step = by_parts(xp, kernel, grad, cast(state.mu, grad.dtype), state.nu)
+        return NAdamState(cast(mu, state.mu.dtype), nu, xp.asarray(product), count), step
+
+
+class AdaMaxState(NamedTuple):
+    mu: Any  # first moment m, the parameter's dtype
+    nu: Any  # the decaying maximum u of |g|, the parameter's dtype (parts separately)
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class AdaMax(Rule):
+    r"""Adam with the infinity norm: ``AdaMax(lr=2e-3, betas=(0.9, 0.999), eps=1e-8)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad
+        u \leftarrow \max(\beta_2 u,\ |g| + \epsilon), \qquad
+        p \leftarrow p - \frac{\eta}{1-\beta_1^t}\, \frac{m}{u}
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``
+    and :math:`t` this parameter's step count. Reproduces ``torch.optim.Adamax`` and
+    ``optax.adamax`` (which agree); complex parameters as torch, real and imaginary parts
+    separately (optax would take the modulus).
+
+    Reference: Kingma and Ba, *Adam: A Method for Stochastic Optimization* (ICLR 2015), section 7,
+    https://arxiv.org/abs/1412.6980
+    """
+
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+
+    def __post_init__(self) -> None:
+        check(self, lr=NONNEG, betas=UNIT, eps=NONNEG)
+
+    def init(self, param: Any) -> AdaMaxState:
+        xp = namespace(param)
+        return AdaMaxState(xp.zeros_like(param), xp.zeros_like(param), xp.zeros((), dtype=xp.int32))
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, real = namespace(grad), real_dtype(namespace(grad), grad)
+        beta1, beta2 = hyper["betas"]
+        count = xp.asarray(state.count + 1)
+        wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
+        lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
+        _, bc1 = powers(xp, b1, t)
+        w1, b2_, eps_, clr = as_dtype(xp, real, 1 - b1, b2, eps, lr / bc1)
+
+        def kernel(g: Any, m: Any, u: Any) -> tuple[Any, Any, Any]:
+            m = m + w1 * (g - m)
+            u = xp.maximum(u * b2_, xp.abs(g) + eps_)
+            return m, u, (clr * m) / u
+
+        mu, nu, step = by_parts(xp, kernel, grad, state.mu, state.nu)
+        return AdaMaxState(mu, nu, count), step
+
+
+class AMSGradState(NamedTuple):
+    mu: Any  # first moment m, in mu_dtype (the parameter's dtype by default)
+    nu: Any  # second moment v, the parameter's dtype (real and imaginary parts separately)
+    nu_max: Any  # the running maximum of v (of v / (1 - beta2^t) with correct_before_max)
+    count: Any  # steps taken by this parameter, int32
+
+
+@dataclass(frozen=True)
+class AMSGrad(Rule):
+    r"""Adam with a non-decreasing second moment: ``AMSGrad(lr=1e-3, betas=(0.9, 0.999),
+    eps=1e-8, *, correct_before_max=False, mu_dtype=None)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\, g, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, g^2, \qquad
+        \bar v \leftarrow \max(\bar v, v), \\
+        p \leftarrow p - \eta\, \frac{m / (1-\beta_1^t)}{\sqrt{\bar v / (1-\beta_2^t)} + \epsilon}
+
+    with :math:`\eta` = ``lr``, :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps``
+    and :math:`t` this parameter's step count. Reproduces ``torch.optim.Adam(amsgrad=True)``, also
+    for complex parameters (real and imaginary parts separately). ``correct_before_max=True`` keeps
+    the maximum of the bias-corrected :math:`v / (1-\beta_2^t)` instead, as ``optax.amsgrad`` does.
+    ``mu_dtype`` stores :math:`m` in another real dtype; the arithmetic is in the parameter's dtype.
+
+    Reference: Reddi, Kale and Kumar, *On the Convergence of Adam and Beyond* (ICLR 2018),
+    https://arxiv.org/abs/1904.09237
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    _: KW_ONLY
+    correct_before_max: bool = False
+    mu_dtype: Any = None
+    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+
+    def __post_init__(self) -> None:
+        check(self, ("correct_before_max",), lr=NONNEG, betas=UNIT, eps=NONNEG)
+
+    def init(self, param: Any) -> AMSGradState:
+        mu, nu, count = _moments_init(self, param)
+        return AMSGradState(mu, nu, namespace(param).zeros_like(param), count)
+
+    def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
+        del param
+        xp, real = namespace(grad), real_dtype(namespace(grad), grad)
+        beta1, beta2 = hyper["betas"]
+        count = xp.asarray(state.count + 1)
+        wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
+        lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
+        _, bc1 = powers(xp, b1, t)
+        _, bc2 = powers(xp, b2, t)
+        w1, w2, b2_, eps_, lr_, bc1_, bc2_, sqrt_bc2, step_size = as_dtype(
+            xp, real, 1 - b1, 1 - b2, b2, eps, lr, bc1, bc2, xp.sqrt(bc2), lr / bc1
+        )
+
+        def kernel(g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, Any, Any]:
+            m = m + w1 * (g - m)
+            v = v * b2_ + (w2 * g) * g
+            if self.correct_before_max:
+                v_max = xp.maximum(v_max, v / bc2_)
+                return m, v, v_max, lr_ * ((m / bc1_) / (xp.sqrt(v_max) + eps_))
+            v_max = xp.maximum(v_max, v)
+            return m, v, v_max, (step_size * m) / (xp.sqrt(v_max) / sqrt_bc2 + eps_)
+
+        mu = cast(state.mu, grad.dtype)
+        mu, nu, nu_max, step = by_parts(xp, kernel, grad, mu, state.nu, state.nu_max)
+        return AMSGradState(cast(mu, state.mu.dtype), nu, nu_max, count), step
