@@ -190,3 +190,22 @@ def test_adam_mu_dtype_matches_optax():
     tx = optax.adam(2**-7, b1=0.875, b2=1 - 2**-10, mu_dtype=jnp.bfloat16)
     expected = optax_steps(tx, params, grads)
     np.testing.assert_allclose(model["w"], expected["w"], rtol=2e-6)
+
+
+def test_clip_global_norm_complex_matches_optax():
+    rng = np.random.default_rng(9)
+
+    def draw(*shape):
+        return np.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape), np.complex128)
+
+    params = {"a": draw(3), "b": draw(2, 2)}
+    grads = [{"a": 3 * draw(3), "b": 3 * draw(2, 2)} for _ in range(3)]
+    state = ost.setup(ost.ClipGlobalNorm(1.5), params)
+    model = params
+    for g in grads:
+        state, model = ost.update(state, model, g)
+    with jax.enable_x64(True):
+        tx = optax.chain(optax.clip_by_global_norm(1.5), optax.scale(-1.0))
+        expected = optax_steps(tx, jax.tree_util.tree_map(jnp.asarray, params), grads)
+    for key in params:
+        np.testing.assert_allclose(model[key], expected[key], rtol=1e-12)
