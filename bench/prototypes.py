@@ -1,0 +1,163 @@
+"""What two changes to the package would buy, measured with stand-in rules (not part of optstate).
+
+``python bench/prototypes.py`` measures:
+
+1. **setup without a dispatch per state array** (row d of ``run.py``): ``setup`` with a rule whose
+   ``init`` returns abstract arrays (shape, dtype and sharding; nothing is created), against the
+   real ``Adam`` and ``optax.adam(...).init``. It bounds what a lazy state (created inside the
+   first compiled step) would cost.
+2. **one counter array per rule** (row c): an Adam that keeps the step counters of all its
+   parameters in one array instead of a 0-d array each, against ``Adam`` (eager ``update``) and
+   optax (jitted): kernels in the compiled step, the step's time, and the largest difference of
+   the results.
+
+Both stand-ins live here only; docs/performance.md says which package changes they stand for.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optstate as ost
+from optstate.rules.adam import AdamState
+
+LR = 1e-3
+
+
+@dataclass(frozen=True)
+class AbstractAdam(ost.Adam):
+    """``Adam`` whose ``init`` only describes the state: what a lazy ``setup`` would record."""
+
+    def init(self, param: Any) -> AdamState:
+        like = jax.ShapeDtypeStruct(param.shape, param.dtype, sharding=param.sharding)
+        return AdamState(like, like, np.zeros((), np.int32))
+
+
+@dataclass(frozen=True)
+class GroupAdam(ost.Adam):
+    """``Adam`` (float32 parameters) with one array of step counters for all its parameters,
+    held in the first parameter's state, instead of a 0-d counter per parameter. A stand-in for
+    timing: it assumes every parameter has a gradient at every step."""
+
+    def init(self, param: Any) -> AdamState:
+        return AdamState(jnp.zeros_like(param), jnp.zeros_like(param), None)
+
+    def apply_all(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        del params
+        b1, b2 = (jnp.asarray(b, jnp.float32) for b in hyper["betas"])
+        eps, lr = (jnp.asarray(hyper[k], jnp.float32) for k in ("eps", "lr"))
+        counts = states[0].count
+        counts = (jnp.zeros(len(states), jnp.int32) if counts is None else counts) + 1
+        t = counts.astype(jnp.float32)
+        scale_mu, scale_nu = lr / (1 - b1**t), 1 / (1 - b2**t)
+        new_states, steps = [], []
+        for i, (s, g) in enumerate(zip(states, grads, strict=True)):
+            mu = b1 * s.mu + (1 - b1) * g
+            nu = b2 * s.nu + (1 - b2) * g * g
+            steps.append(scale_mu[i] * mu / (jnp.sqrt(nu * scale_nu[i]) + eps))
+            new_states.append(AdamState(mu, nu, counts if i == 0 else None))
+        return new_states, steps
+
+
+def median_ms(call: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """The median milliseconds of ``call()``, each ended by ``jax.block_until_ready``."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def lazy_setup(leaves: int) -> None:
+    model = {f"p{i:05d}": jnp.full((16,), i, jnp.float32) for i in range(leaves)}
+    opt = optax.adam(LR)
+    figures = {
+        "setup, Adam": median_ms(lambda: ost.setup(ost.Adam(LR), model), 3, 1),
+        "setup, abstract state": median_ms(
+            lambda: jax.tree.leaves(ost.setup(AbstractAdam(LR), model))[:1], 3, 1
+        ),
+        "optax.adam init": median_ms(lambda: opt.init(model), 3, 1),
+    }
+    print(f"1. setup on {leaves:,} leaves of 16:")
+    for name, ms in figures.items():
+        print(f"   {name:24} {ms:9.1f} ms  ({ms / figures['optax.adam init']:.2f} of optax)")
+
+
+def group_counters(leaves: int) -> None:
+    rng = np.random.default_rng(0)
+    model = {
+        f"l{i:03d}": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32) for i in range(leaves)
+    }
+    grads = jax.tree.map(lambda p: 1e-3 * p, model)
+    opt = optax.adam(LR)
+
+    @jax.jit
+    def optax_step(opt_state: Any, params: Any, grads: Any) -> tuple[Any, Any]:
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return opt_state, optax.apply_updates(params, updates)
+
+    optax_state = opt.init(model)
+    grouped = ost.setup(GroupAdam(LR), model)
+    grouped, _ = ost.update(grouped, model, grads)  # its counters' array exists from step 1 on
+    states = {"Adam": ost.setup(ost.Adam(LR), model), "group Adam": grouped}
+    # One step from the same start (the group Adam's second step is its first with counters).
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(ost.update(states["Adam"], model, grads)[1]),
+            jax.tree.leaves(ost.update(ost.setup(GroupAdam(LR), model), model, grads)[1]),
+            strict=True,
+        )
+    )
+    programs = {  # the compiled programs alone, called without optstate's Python around them
+        name: jax.jit(ost.update).lower(state, model, grads).compile()
+        for name, state in states.items()
+    }
+    optax_program = optax_step.lower(optax_state, model, grads).compile()
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, state in states.items():
+        calls[f"{name}, update"] = lambda s=state: ost.update(s, model, grads)
+        calls[f"{name}, program"] = lambda s=state, f=programs[name]: f(s, model, grads)
+    calls["optax, program"] = lambda: optax_program(optax_state, model, grads)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(3 + 41):  # in turn, so that a slow phase of the machine hits all of them
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+    kernels = {name: f.as_text().count(" fusion(") for name, f in programs.items()}
+    kernels["optax"] = optax_program.as_text().count(" fusion(")
+    print(f"2. update on {leaves} leaves of 32x32 (results differ by {diff:.1e} at most):")
+    print(f"   {'':12} {'kernels':>7} {'program':>9} {'eager update':>13}")
+    for name in (*states, "optax"):
+        program = statistics.median(times[f"{name}, program"]) * 1e3
+        eager = times.get(f"{name}, update")
+        eager_ms = f"{statistics.median(eager) * 1e3:10.2f} ms" if eager else f"{'-':>13}"
+        print(f"   {name:12} {kernels[name]:7d} {program:6.2f} ms {eager_ms}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Measure both prototypes (``--quick``: smaller)."""
+    quick = "--quick" in (argv or [])
+    lazy_setup(300 if quick else 10_000)
+    group_counters(50 if quick else 500)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
