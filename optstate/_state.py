@@ -113,12 +113,8 @@ class State:
         return State(**{**fields, **changes})
 
     def __repr__(self) -> str:
-        rules = ", ".join(_rule_name(r) for r in self.plan.rules)
+        rules = ", ".join(r.name() for r in self.plan.rules)
         n = len(self.plan.params)
         frozen = sum(self.plan.frozen)
         extra = f", {frozen} frozen" if frozen else ""
         return f"State({rules}; {n} parameters, {self.plan.n_ties} tied{extra})"
-
-
-def _rule_name(rule: Rule) -> str:
-    return rule.name()
