@@ -383,8 +383,9 @@ def bench_eager(sizes: Sizes) -> list[Row]:
 # -- d: setup on many leaves ------------------------------------------------------------------
 
 
-def bench_setup(sizes: Sizes) -> Row:
-    """d: ``ost.setup`` against ``optax.adam(...).init`` on one many-leaf model."""
+def bench_setup(sizes: Sizes) -> list[Row]:
+    """d: ``ost.setup`` against ``optax.adam(...).init`` on one many-leaf model; d': the first
+    call in the process, where optstate also compiles the ``init`` it creates states with."""
     model = {
         f"p{i:05d}": jnp.full(sizes.setup_shape, i, jnp.float32) for i in range(sizes.setup_leaves)
     }
@@ -393,9 +394,13 @@ def bench_setup(sizes: Sizes) -> Row:
         "optstate": (lambda m: (ost.setup(rule, m), m)[1], model),
         "optax": (lambda m: (opt.init(m), m)[1], model),
     }
-    times = alternate(steps, sizes.setup_repeats, warmup=1)
+    first = alternate(steps, repeats=1, warmup=0)
+    times = alternate(steps, sizes.setup_repeats, warmup=0)
     leaves = f"{_count(sizes.setup_leaves)} leaves of {'x'.join(map(str, sizes.setup_shape))}"
-    return compare("d", f"setup, {leaves} / optax.adam init", times, "optax", 0.25)
+    return [
+        compare("d", f"setup, {leaves} / optax.adam init", times, "optax", 0.25),
+        compare("d'", "setup, the first call in the process (compiles init)", first, "optax", None),
+    ]
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -471,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows += bench_tied(sizes)
     gc.collect()
     rows += bench_eager(sizes)
-    rows.append(bench_setup(sizes))
+    rows += bench_setup(sizes)
     rows.sort(key=lambda r: r.key)
     print(table(rows))
     seconds = time.perf_counter() - start

@@ -49,7 +49,12 @@ def _inexact(dtype: Any) -> bool:
 
 
 def is_complex(x: Any) -> bool:
-    return bool(jnp.issubdtype(x.dtype, jnp.complexfloating))
+    return _complex(x.dtype)
+
+
+@functools.cache
+def _complex(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.complexfloating))
 
 
 def hyper_array(value: float, like: Any) -> Any:

@@ -113,7 +113,7 @@ def find_ties(
     params: list[Param] = []
     for group in sorted(members.values(), key=lambda ks: where[ks[0]][0][0]):
         # The base orientation: the array that owns the memory, else a C-contiguous one.
-        root = min(group, key=lambda k: _root_rank(objects[k]))
+        root = group[0] if len(group) == 1 else min(group, key=lambda k: _root_rank(objects[k]))
         base = objects[root]
         p = len(params)
         positions = []

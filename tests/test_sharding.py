@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optstate as ost
+from optstate._setup import _COMPILED_INIT_MIN_GROUP
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_PARALLEL = ROOT / "examples" / "data_parallel.py"
@@ -337,6 +338,31 @@ def test_every_rule_keeps_state_on_the_mesh(rule: ost.Rule) -> None:
     assert all(x.sharding.device_set == devices for x in jax.tree.leaves(state.states))
 
 
+
+@pytest.mark.parametrize("rule", RULES, ids=[r.name() for r in RULES])
+def test_a_compiled_init_equals_the_rules_own_init(rule: ost.Rule) -> None:
+    """Many same-shaped parameters get their states from one compiled ``init`` (setup's fast path
+    for models of many leaves): each state is what ``rule.init`` gives it eagerly, the same arrays
+    (values, dtypes) with the same shardings: the parameter's, or replicated on its devices."""
+    mesh = make_mesh()
+    rng = np.random.default_rng(1)
+    sharded = NamedSharding(mesh, P("data", "model"))
+    n = _COMPILED_INIT_MIN_GROUP  # enough same-shaped parameters to take the compiled path
+    model = [
+        jax.device_put(rng.normal(size=(4, 6)).astype(np.float32), sharded) for _ in range(n)
+    ] + [jnp.asarray(rng.normal(size=(3, 2)), jnp.float32) for _ in range(n)]
+    state = ost.setup(rule, model)
+    for got, p in zip(state.states, model, strict=True):
+        want = rule.init(p)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert (g.shape, g.dtype) == (w.shape, w.dtype)
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+            assert g.sharding.device_set == p.sharding.device_set
+            if g.shape == p.shape:
+                assert g.sharding.is_equivalent_to(p.sharding, p.ndim)
+
+
 # -- the examples ------------------------------------------------------------------------------
 
 
@@ -408,7 +434,7 @@ def test_benchmark_quick_run_prints_the_table(tmp_path: Path) -> None:
     )
     figures = json.loads(out_json.read_text())
     rows = {row["key"]: row for row in figures["rows"]}
-    assert set(rows) == {"a", "a'", "b", "b'", "c", "c'", "c''", "d", "e"}
+    assert set(rows) == {"a", "a'", "b", "b'", "c", "c'", "c''", "d", "d'", "e"}
     for key, row in rows.items():
         assert f"\n{key:3} " in out
         assert math.isfinite(row["ratio"])
