@@ -90,6 +90,26 @@ def coerce(g: Any, like: Any) -> Any:
     return jnp.asarray(g, dtype=like.dtype)
 
 
+def reduced_zeros(param: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """Zeros of ``shape``: ``param``'s shape with some axes reduced to length 1 (a factored
+    statistic), on ``param``'s devices. A sharded JAX parameter's layout is kept on the axes that
+    remain and dropped on the reduced ones."""
+    xp = namespace(param)
+    if is_tracer(param):
+        return xp.zeros(shape, dtype=dtype)
+    if not is_jax(param):
+        return xp.zeros(shape, dtype=dtype, device=array_api_compat.device(param))
+    sharding = param.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+        kept = [a if n == m else None for a, n, m in zip(spec, shape, param.shape, strict=True)]
+        spec_kept = jax.sharding.PartitionSpec(*kept)  # type: ignore[no-untyped-call]
+        sharding = jax.sharding.NamedSharding(sharding.mesh, spec_kept)
+    elif len(sharding.device_set) > 1:
+        sharding = None  # another kind of sharding: left to the first step, like a fresh array
+    return jnp.zeros(shape, dtype=dtype, device=sharding)
+
+
 def cast(x: Any, dtype: Any) -> Any:
     """``x`` as ``dtype``, without a copy when it already is."""
     return x if x.dtype == dtype else namespace(x).astype(x, dtype)

@@ -338,7 +338,6 @@ def test_every_rule_keeps_state_on_the_mesh(rule: ost.Rule) -> None:
     assert all(x.sharding.device_set == devices for x in jax.tree.leaves(state.states))
 
 
-
 @pytest.mark.parametrize("rule", RULES, ids=[r.name() for r in RULES])
 def test_a_compiled_init_equals_the_rules_own_init(rule: ost.Rule) -> None:
     """Many same-shaped parameters get their states from one compiled ``init`` (setup's fast path
@@ -361,6 +360,28 @@ def test_a_compiled_init_equals_the_rules_own_init(rule: ost.Rule) -> None:
             assert g.sharding.device_set == p.sharding.device_set
             if g.shape == p.shape:
                 assert g.sharding.is_equivalent_to(p.sharding, p.ndim)
+
+
+def test_adafactor_statistics_start_with_the_natural_sharding() -> None:
+    """A factored statistic is split like its parameter on the axes it keeps, from setup on (no
+    resharding in the first step), and stays so."""
+    mesh = make_mesh()
+    w = jax.device_put(np.ones((8, 6), np.float32), NamedSharding(mesh, P("data", "model")))
+    state = ost.setup(ost.Adafactor(min_dim_size_to_factor=2), {"w": w})
+    # optax's convention: the larger axis (8) is the column, so the statistics are (8, 1), (1, 6).
+    natural = {
+        (8, 1): NamedSharding(mesh, P("data", None)),
+        (1, 6): NamedSharding(mesh, P(None, "model")),
+    }
+
+    def as_natural(state: ost.State) -> bool:
+        stats = state.states[0][:2]
+        assert sorted(x.shape for x in stats) == sorted(natural)
+        return all(x.sharding.is_equivalent_to(natural[x.shape], 2) for x in stats)
+
+    assert as_natural(state)
+    state, _ = ost.update(state, {"w": w}, {"w": jnp.ones_like(w)})
+    assert as_natural(state)
 
 
 # -- the examples ------------------------------------------------------------------------------

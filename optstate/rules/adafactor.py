@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
+from .._arrays import reduced_zeros
 from ..schedules import Schedule
 from ._base import Rule, cast, namespace, scalars
 
@@ -161,8 +162,8 @@ class Adafactor(Rule):
         row_shape = tuple(1 if i == col else n for i, n in enumerate(shape))
         col_shape = tuple(1 if i == row else n for i, n in enumerate(shape))
         return AdafactorState(
-            xp.zeros(row_shape, dtype=param.dtype),
-            xp.zeros(col_shape, dtype=param.dtype),
+            reduced_zeros(param, row_shape, param.dtype),
+            reduced_zeros(param, col_shape, param.dtype),
             None,
             count,
         )
