@@ -57,6 +57,7 @@ def setup(rule: RuleSpec, model: Any) -> State:
     rules, param_rules = _assign(per_position, params, lambda: path_strings(model))
 
     bases = [unwrap(leaves[p.primary])[0] for p in params]
+    _check_computable(bases, params, lambda: path_strings(model))
     like = bases[0] if bases else None
     hyper = [
         jax.tree_util.tree_map(lambda v: _arrays.hyper_array(v, like), r.hyper()) for r in rules
@@ -64,6 +65,20 @@ def setup(rule: RuleSpec, model: Any) -> State:
     states = _init_states(rules, param_rules, bases)
     plan = Plan(treedef, slots, params, tuple(r.structure() for r in rules), param_rules)
     return State(states, hyper, _arrays.counter(like), plan)
+
+
+def _check_computable(
+    bases: list[Any], params: tuple[Param, ...], paths: Callable[[], list[str]]
+) -> None:
+    """NumPy computes only with its own dtypes: a NumPy array of one of ml_dtypes' floats (such as
+    ``bfloat16``) cannot run a rule, while the same dtype as a JAX array can."""
+    for base, param in zip(bases, params, strict=True):
+        if _arrays.is_numpy(base) and base.dtype.kind not in "fc":
+            raise TypeError(
+                f"{paths()[param.primary]} is a NumPy array of {base.dtype}, a dtype NumPy cannot "
+                "compute with; train it as a JAX array (jnp.asarray(x)), which supports "
+                f"{base.dtype}, or as float32 NumPy"
+            )
 
 
 def _not_a_rule(spec: Any) -> TypeError:

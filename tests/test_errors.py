@@ -158,3 +158,24 @@ def test_jax_model_errors_name_paths_too():
         ValueError, match=r"grads\[1\]\['t'\] has shape \(3, 3\), expected \(3, 2\)"
     ):
         ost.update(state, model, [jnp.ones((2, 3)), {"t": jnp.ones((3, 3))}])
+
+
+def test_numpy_array_of_a_dtype_numpy_cannot_compute_with():
+    import ml_dtypes
+
+    model = {"a": np.ones(3), "w": np.ones(3, ml_dtypes.bfloat16)}
+    with pytest.raises(TypeError, match=r"model\['w'\] is a NumPy array of bfloat16.*JAX array"):
+        ost.setup(ost.Adam(), model)
+    # The same dtype as a JAX array trains.
+    state, new = ost.update(
+        ost.setup(ost.Adam(), {"w": jnp.ones(3, jnp.bfloat16)}),
+        {"w": jnp.ones(3, jnp.bfloat16)},
+        {"w": jnp.ones(3, jnp.bfloat16)},
+    )
+    assert new["w"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("rule", [ost.Adam, ost.AdamW, ost.NAdam, ost.AMSGrad, ost.OAdam])
+def test_real_mu_dtype_for_a_complex_parameter(rule):
+    with pytest.raises(TypeError, match=r"mu_dtype=.*real dtype, but the parameter is complex64"):
+        ost.setup(rule(mu_dtype=jnp.bfloat16), {"z": jnp.ones(3, jnp.complex64)})

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._arrays import reduced_zeros
 from ..schedules import Schedule
-from ._base import Rule, cast, namespace, scalars
+from ._base import Rule, cast, finfo, isdtype, namespace, scalars
 
 
 class AdafactorState(NamedTuple):
@@ -148,7 +148,7 @@ class Adafactor(Rule):
 
     def init(self, param: Any) -> AdafactorState:
         xp = namespace(param)
-        if xp.isdtype(param.dtype, "complex floating"):
+        if isdtype(xp, param.dtype, "complex floating"):
             raise TypeError(
                 f"Adafactor does not support complex parameters (nor does torch.optim.Adafactor); "
                 f"got {param.dtype}{list(param.shape)}"
@@ -177,7 +177,7 @@ class Adafactor(Rule):
             xp, wide, hyper["lr"], hyper["beta2_decay"], hyper["d"], hyper["weight_decay"]
         )
         eps1, eps2 = hyper["eps"]
-        eps1, eps2 = scalars(xp, wide, xp.finfo(dtype).eps if eps1 is None else eps1, eps2)
+        eps1, eps2 = scalars(xp, wide, finfo(xp, dtype).eps if eps1 is None else eps1, eps2)
         root_n = math.sqrt(math.prod(grad.shape))
 
         count = xp.asarray(state.count + 1)

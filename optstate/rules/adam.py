@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._base import Rule, abs2, cast, namespace, real_dtype, scalar_dtype, scalars
+from ._base import Rule, abs2, cast, moment_zeros, namespace, real_dtype, scalar_dtype, scalars
 
 
 class AdamState(NamedTuple):
@@ -14,10 +14,10 @@ class AdamState(NamedTuple):
     count: Any  # steps taken by this parameter, int32
 
 
-def _init(param: Any, mu_dtype: Any) -> AdamState:
+def _init(rule: Rule, param: Any, mu_dtype: Any) -> AdamState:
     xp = namespace(param)
     return AdamState(
-        mu=xp.zeros_like(param, dtype=mu_dtype or param.dtype),
+        mu=moment_zeros(rule, mu_dtype, param),
         nu=xp.zeros_like(param, dtype=real_dtype(xp, param)),
         count=xp.zeros((), dtype=xp.int32),
     )
@@ -78,7 +78,7 @@ class Adam(Rule):
         self._check()
 
     def init(self, param: Any) -> AdamState:
-        return _init(param, self.mu_dtype)
+        return _init(self, param, self.mu_dtype)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
@@ -115,7 +115,7 @@ class AdamW(Rule):
         self._check()
 
     def init(self, param: Any) -> AdamState:
-        return _init(param, self.mu_dtype)
+        return _init(self, param, self.mu_dtype)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         state, direction = _direction(hyper, state, grad)

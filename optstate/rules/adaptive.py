@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._base import Rule, abs2, cast, namespace, real_dtype
+from ._base import Rule, abs2, cast, moment_zeros, namespace, real_dtype
 from .adaptive2 import (
     NONNEG,
     UNIT,
@@ -25,7 +25,6 @@ from .adaptive2 import (
     by_parts,
     check,
     full_like,
-    moment_zeros,
     powers,
     wide_dtype,
 )

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ._base import Rule, cast, namespace, real_dtype
+from ._base import Rule, cast, isdtype, moment_zeros, namespace, real_dtype
 
 __all__ = ["AMSGrad", "AdaMax", "NAdam", "RAdam"]  # the helpers below serve adaptive.py only
 
@@ -52,7 +52,7 @@ def powers(xp: Any, beta: Any, t: Any) -> tuple[Any, Any]:
 def by_parts(xp: Any, fn: Any, grad: Any, *buffers: Any) -> tuple[Any, ...]:
     """``fn(grad, *buffers)`` on real arrays; for complex ones applied to the real and the imaginary
     parts separately and put back together (torch's ``view_as_real``). ``None`` passes through."""
-    if not xp.isdtype(grad.dtype, "complex floating"):
+    if not isdtype(xp, grad.dtype, "complex floating"):
         return tuple(fn(grad, *buffers))
 
     def part(take: Any) -> tuple[Any, ...]:
@@ -69,24 +69,9 @@ def full_like(param: Any, value: float, *, both_parts: bool) -> Any:
     """A buffer of ``value``; for complex parameters ``value + value j`` with ``both_parts``
     (torch's element-wise convention), else ``value + 0j`` (optax's)."""
     xp = namespace(param)
-    if xp.isdtype(param.dtype, "complex floating") and both_parts:
+    if isdtype(xp, param.dtype, "complex floating") and both_parts:
         return xp.full_like(param, complex(value, value))
     return xp.full_like(param, value)
-
-
-def moment_zeros(rule: Rule, mu_dtype: Any, param: Any) -> Any:
-    """The first-moment buffer: zeros in ``mu_dtype``, or in the parameter's dtype for ``None``."""
-    xp = namespace(param)
-    if mu_dtype is None:
-        return xp.zeros_like(param)
-    if xp.isdtype(param.dtype, "complex floating"):
-        raise TypeError(
-            f"{rule.name()}(mu_dtype={mu_dtype!r}) stores the first moment in a real dtype, but "
-            f"the parameter is {param.dtype}; use mu_dtype=None for complex parameters"
-        )
-    if not _is_torch_dtype(mu_dtype):
-        mu_dtype = np.dtype(mu_dtype)  # names such as "bfloat16" as dtypes every namespace takes
-    return xp.zeros_like(param, dtype=mu_dtype)
 
 
 def check(rule: Rule, flags: tuple[str, ...] = (), **bounds: tuple[float, float, str]) -> None:

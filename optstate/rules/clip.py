@@ -6,7 +6,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ._base import AcrossParameters, Rule, abs2, cast, namespace, real_dtype, scalars
+from ._base import (
+    AcrossParameters,
+    Rule,
+    abs2,
+    cast,
+    finfo,
+    isdtype,
+    namespace,
+    real_dtype,
+    scalars,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class ClipGrad(Rule):
         del param
         xp = namespace(grad)
         (delta,) = scalars(xp, real_dtype(xp, grad), hyper["delta"])
-        if xp.isdtype(grad.dtype, "complex floating"):
+        if isdtype(xp, grad.dtype, "complex floating"):
             re = xp.clip(xp.real(grad), -delta, delta)
             im = xp.clip(xp.imag(grad), -delta, delta)
             one_j = xp.asarray(1j, dtype=grad.dtype)
@@ -103,7 +113,7 @@ class ClipGlobalNorm(AcrossParameters):
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
         xp = namespace(grads[0])
-        wide = xp.float64 if any(xp.finfo(g.dtype).bits >= 64 for g in grads) else xp.float32
+        wide = xp.float64 if any(finfo(xp, g.dtype).bits >= 64 for g in grads) else xp.float32
         squares = [xp.sum(abs2(xp, cast(g, _widened(xp, g, wide)))) for g in grads]
         norm = xp.sqrt(xp.sum(xp.stack([cast(s, wide) for s in squares])))
         (bound,) = scalars(xp, wide, hyper["max_norm"])
@@ -113,6 +123,6 @@ class ClipGlobalNorm(AcrossParameters):
 
 def _widened(xp: Any, g: Any, wide: Any) -> Any:
     """``g``'s dtype with at least ``wide``'s precision (complex stays complex)."""
-    if xp.isdtype(g.dtype, "complex floating"):
+    if isdtype(xp, g.dtype, "complex floating"):
         return xp.complex128 if wide == xp.float64 else g.dtype
     return wide

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ._base import Rule, cast, namespace, real_dtype, scalars
+from ._base import Rule, cast, isdtype, namespace, real_dtype, scalars
 
 
 def _moment_dtype(owner: str, dtype: Any) -> Any:
@@ -32,7 +32,9 @@ def _init_moment(owner: str, mu_dtype: Any, param: Any) -> Any:
     xp = namespace(param)
     if mu_dtype is None:
         return xp.zeros_like(param)
-    if xp.isdtype(param.dtype, "complex floating") != jnp.issubdtype(mu_dtype, jnp.complexfloating):
+    if isdtype(xp, param.dtype, "complex floating") != jnp.issubdtype(
+        mu_dtype, jnp.complexfloating
+    ):
         raise TypeError(
             f"{owner}(mu_dtype={mu_dtype.name}) cannot hold the momentum of a {param.dtype} "
             "parameter: real parameters need a real mu_dtype, complex ones a complex mu_dtype"
@@ -56,7 +58,7 @@ def _ema(xp: Any, beta: Any, moment: Any, grad: Any, wide: Any) -> Any:
 
 def _sign(xp: Any, x: Any) -> Any:
     """``sign(x)``; for complex ``x``, ``x / |x|`` (0 at 0, without dividing by it)."""
-    if not xp.isdtype(x.dtype, "complex floating"):
+    if not isdtype(xp, x.dtype, "complex floating"):
         return xp.sign(x)
     magnitude = xp.abs(x)
     zero = magnitude == 0
@@ -274,7 +276,7 @@ class Rprop(Rule):
             return g, size, xp.sign(g) * size
 
         count = xp.asarray(state.count + 1)
-        if not xp.isdtype(grad.dtype, "complex floating"):
+        if not isdtype(xp, grad.dtype, "complex floating"):
             prev, size, step = one_part(grad, state.prev, state.step_size)
             return RpropState(prev, size, count), step
         parts = [

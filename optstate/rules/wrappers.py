@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._base import AcrossParameters, Rule, cast, check_member, namespace, select
+from ._base import AcrossParameters, Rule, cast, check_member, finfo, isdtype, namespace, select
 
 
 class AccumGradState(NamedTuple):
@@ -164,4 +164,4 @@ class MixedPrecision(Rule):
 
 def _low_precision(x: Any) -> bool:
     xp = namespace(x)
-    return bool(xp.isdtype(x.dtype, "real floating")) and xp.finfo(x.dtype).bits < 32
+    return bool(isdtype(xp, x.dtype, "real floating")) and finfo(xp, x.dtype).bits < 32
