@@ -18,6 +18,8 @@ from ._walk import StructureError as StructureError
 from .adjust import adjust as adjust
 from .adjust import freeze as freeze
 from .adjust import thaw as thaw
+from .checkpoint import load as load
+from .checkpoint import save as save
 from .rules import AccumGrad as AccumGrad
 from .rules import AdaBelief as AdaBelief
 from .rules import AdaDelta as AdaDelta
