@@ -5,7 +5,8 @@
 1. **setup without a dispatch per state array** (row d of ``run.py``): ``setup`` with a rule whose
    ``init`` returns abstract arrays (shape, dtype and sharding; nothing is created), against the
    real ``Adam`` and ``optax.adam(...).init``. It bounds what a lazy state (created inside the
-   first compiled step) would cost.
+   first compiled step) would cost. ``setup`` took another way to the target (a compiled init
+   for large groups of same-shaped parameters, see docs/performance.md); this stays as the bound.
 2. **one counter array per rule** (row c): an Adam that keeps the step counters of all its
    parameters in one array instead of a 0-d array each, against ``Adam`` (eager ``update``) and
    optax (jitted): kernels in the compiled step, the step's time, and the largest difference of
