@@ -22,10 +22,11 @@ def setup(rule: RuleSpec, model: Any) -> State:
     """The optimiser state of ``model``: one rule state per unique parameter.
 
     ``model`` is any pytree (dicts, lists, tuples, namedtuples, registered dataclasses, Equinox
-    modules, Flax parameter dicts). Its parameters are its floating and complex arrays (NumPy or
-    JAX); everything else passes through ``update`` untouched. A parameter found at several
-    positions (the same array object, ``Transpose(p)``, or a NumPy view such as ``W.T``) gets a
-    single state, and ``update`` sums its gradients before the rule sees them.
+    modules, Flax parameter dicts). Its parameters are its floating and complex arrays (NumPy,
+    JAX or torch); everything else passes through ``update`` untouched. A parameter found at
+    several positions (the same array object, ``Transpose(p)``, or a NumPy or torch view such as
+    ``W.T`` or ``W.t()``) gets a single state, and ``update`` sums its gradients before the rule
+    sees them.
 
     ``rule`` is one rule for every parameter; or a tree of rules that is a prefix of the model
     (``{"encoder": Adam(1e-3), "decoder": Descent(0.1)}``), each rule for the parameters below it;
@@ -50,13 +51,20 @@ def setup(rule: RuleSpec, model: Any) -> State:
         StructureError: a tree of rules that is not a prefix of the model.
         TieError: two leaves overlap in memory in a way that is not a tie (a slice or reshape),
             or one parameter would get two different rules.
+
+    A torch ``nn.Module`` is set up as its named-parameter dict
+    (``optstate.interop.torch.parameters``): a Parameter under two names is one parameter.
     """
+    if _arrays.is_torch_module(model):
+        from .interop.torch import parameters
+
+        model = parameters(model)
     leaves, treedef = flatten(model)
     slots, params = find_ties(leaves, lambda: path_strings(model))
     per_position = _rules_per_position(rule, model, [s is not None for s in slots])
     rules, param_rules = _assign(per_position, params, lambda: path_strings(model))
 
-    bases = [unwrap(leaves[p.primary])[0] for p in params]
+    bases = [_arrays.detached(unwrap(leaves[p.primary])[0]) for p in params]
     _check_computable(bases, params, lambda: path_strings(model))
     like = bases[0] if bases else None
     hyper = [

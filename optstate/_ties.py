@@ -4,12 +4,16 @@ Three kinds of tie, found without any annotation:
 
 * the same array object at several positions;
 * ``Transpose(p)`` at a position: the parameter is ``p``, seen transposed;
-* NumPy views: a leaf that is ``W.T`` (or any axis permutation of ``W``, or ``W`` itself through
-  another view object) shares ``W``'s memory and is the same parameter in another orientation.
+* views, of NumPy arrays and of torch tensors alike: a leaf that is ``W.T`` (or any axis
+  permutation of ``W``: torch's ``W.t()``, ``W.permute(...)``, ``W.transpose(0, 1)``; or ``W``
+  itself through another view object) shares ``W``'s memory and is the same parameter in another
+  orientation. It is recognised from the memory layout: the same start address, element type and
+  device, and permuted shape and strides.
 
-Any other memory overlap between two leaves (a slice, a reshape, a partial overlap) cannot be
-trained as one parameter and is refused. Only floating and complex arrays are parameters: equal
-values are never a tie, and numbers, strings, functions and integer arrays are never trained.
+Any other memory overlap between two leaves (a slice, a reshape, a partial overlap, a NumPy array
+and a tensor over the same buffer) cannot be trained as one parameter and is refused. Only floating
+and complex arrays are parameters: equal values are never a tie, and numbers, strings, functions
+and integer arrays are never trained.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class Slot(NamedTuple):
     """Where a position's array comes from: ``wrap(permute(base, perm), depth)``."""
 
     param: int  # index of the unique parameter
-    perm: Perm  # the leaf is ``base.transpose(perm)``: NumPy views only
+    perm: Perm  # the leaf is ``base.transpose(perm)``: NumPy and torch views only
     depth: int  # how many ``Transpose`` nodes wrap the leaf
 
 
@@ -88,7 +92,7 @@ def find_ties(
         where[k].append((pos, depth))
 
     groups = _Groups(len(objects))
-    for i, j in _overlapping_numpy_pairs(objects):
+    for i, j in _overlapping_pairs(objects):
         a, b = objects[i], objects[j]
         if not _arrays.shares_memory(a, b):
             continue  # interleaved but disjoint, e.g. two columns of one matrix
@@ -98,9 +102,10 @@ def find_ties(
                 f"{names[where[i][0][0]]} and {names[where[j][0][0]]} share memory, but neither is "
                 "the other or its transpose (a slice, a reshape or a partial overlap cannot be "
                 "trained as one parameter). Got shapes "
-                f"{a.shape} and {b.shape}, strides {a.strides} and {b.strides}, byte offsets "
-                f"{_arrays.byte_bounds(a)[0]} and {_arrays.byte_bounds(b)[0]}. Pass a copy "
-                "(`x.copy()`) for an independent parameter, or the same array (or "
+                f"{tuple(a.shape)} and {tuple(b.shape)}, byte strides {_arrays.strides(a)} and "
+                f"{_arrays.strides(b)}, byte offsets {_arrays.byte_bounds(a)[0]} and "
+                f"{_arrays.byte_bounds(b)[0]}. Pass a copy (`x.copy()`, `x.clone()`) for an "
+                "independent parameter, or the same array (or "
                 "`optstate.Transpose(x)`) for a tie."
             )
         groups.union(i, j)
@@ -133,22 +138,23 @@ def find_ties(
 
 
 def _root_rank(x: Any) -> int:
-    if not _arrays.is_numpy(x):
+    if not _arrays.has_layout(x):
         return 0
-    return 0 if x.base is None else 1 if x.flags.c_contiguous else 2
+    return 0 if not _arrays.is_view(x) else 1 if _arrays.is_contiguous(x) else 2
 
 
-def _overlapping_numpy_pairs(objects: list[Any]) -> list[tuple[int, int]]:
-    """Pairs of NumPy arrays whose byte ranges intersect, by a sweep over sorted start bytes."""
+def _overlapping_pairs(objects: list[Any]) -> list[tuple[int, int]]:
+    """Pairs of NumPy arrays or torch tensors whose byte ranges intersect in one address space,
+    by a sweep over sorted start bytes."""
     spans = sorted(
-        (*_arrays.byte_bounds(x), k)
+        (_arrays.memory_space(x), *_arrays.byte_bounds(x), k)
         for k, x in enumerate(objects)
-        if _arrays.is_numpy(x) and x.size > 0
+        if _arrays.has_memory(x)
     )
     pairs: list[tuple[int, int]] = []
-    open_spans: list[tuple[int, int]] = []  # (end, k) of spans that may still overlap
-    for lo, hi, k in spans:
-        open_spans = [(end, j) for end, j in open_spans if end > lo]
-        pairs.extend((j, k) if j < k else (k, j) for _, j in open_spans)
-        open_spans.append((hi, k))
+    open_spans: list[tuple[str, int, int]] = []  # (space, end, k) of spans that may still overlap
+    for space, lo, hi, k in spans:
+        open_spans = [(s, end, j) for s, end, j in open_spans if s == space and end > lo]
+        pairs.extend((j, k) if j < k else (k, j) for _, _, j in open_spans)
+        open_spans.append((space, hi, k))
     return pairs

@@ -11,12 +11,13 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import _apply, _arrays
 from ._state import Plan, State
-from ._ties import Slot, TieError, orientation
-from ._walk import StructureError, flatten, gather, path_strings, unwrap, wrap
+from ._ties import Slot, TieError, _overlapping_pairs, orientation
+from ._walk import StructureError, flatten, gather, path_string, path_strings, unwrap, wrap
 from .transpose import Transpose
 
 
@@ -49,22 +50,45 @@ def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tup
         >>> model[0], model[0] is model[1]
         (array([0., 1.]), True)
 
+    Gradients are cast to their parameter's dtype (a ``float64`` gradient of a ``float32``
+    parameter is rounded); nested lists of numbers are read as arrays. After any exception the
+    state and the model are as they were: nothing is written until every check has passed and
+    the step has been computed.
+
+    A torch ``nn.Module`` is trained as its named-parameter dict (``optstate.interop.torch``):
+    ``update`` leaves the module as it is and returns the new parameters as that dict, for
+    ``torch.func.functional_call``; ``update_`` writes them into the module.
+
     Raises:
-        StructureError: ``model`` or ``grads`` does not have the structure the state was set up for.
-        TieError: a tie of the model was broken or a new one made since ``setup``.
+        StructureError: ``model`` or ``grads`` does not have the structure the state was set up
+            for; the state's rule states or hyper-parameters are not those of its rules.
+        TieError: a tie of the model was broken or a new one made since ``setup`` (NumPy arrays
+            that share memory now included).
         ValueError: a gradient's shape fits neither the parameter nor, at a ``Transpose``, its
-            transpose; a parameter's shape or dtype changed since ``setup``.
-        TypeError: ``state`` is not a ``State``, or a gradient is not an array.
+            transpose; a complex gradient for a real parameter; a ragged list; a parameter's
+            shape or dtype changed since ``setup``.
+        TypeError: ``state`` is not a ``State``; a gradient is not an array, or holds booleans,
+            strings or objects.
     """
+    if _arrays.is_torch_module(model):
+        from .interop.torch import update_module
+
+        return update_module(state, model, grads, in_place=False)
     return _step(state, model, grads, in_place=False, donate=donate)
 
 
 def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
-    """``update``, writing each new parameter into its array where that array is writable (NumPy),
-    so views and ties held elsewhere see the step. Returns ``(state, model)`` like ``update``; the
-    written arrays are the same objects as before. JAX arrays are immutable: for them it is
-    ``update``. The state is not written in place.
+    """``update``, writing each new parameter into its array where that array is writable (NumPy
+    arrays, torch tensors), so views and ties held elsewhere see the step. Returns
+    ``(state, model)`` like ``update``; the written arrays are the same objects as before. JAX
+    arrays are immutable: for them it is ``update``. The state is not written in place. A torch
+    ``nn.Module`` has its Parameters written in place and is returned itself (see
+    ``optstate.interop.torch``).
     """
+    if _arrays.is_torch_module(model):
+        from .interop.torch import update_module
+
+        return update_module(state, model, grads, in_place=True)
     return _step(state, model, grads, in_place=True, donate=False)
 
 
@@ -75,8 +99,13 @@ def retie(state: State, model: Any) -> Any:
     step a tied weight is held by several equal arrays. ``retie`` puts one array back at all
     positions of each parameter (the one at the parameter's first direct position), so that eager
     ``update`` calls and a later ``setup`` see the tie again and memory holds one copy.
+    A torch ``nn.Module`` is read as its named-parameter dict, which is returned.
     """
     plan = _plan(state)
+    if _arrays.is_torch_module(model):
+        from .interop.torch import parameters
+
+        model = parameters(model)
     leaves, treedef = flatten(model)
     _check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
@@ -101,7 +130,12 @@ def _step(
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
     _check_model(plan, leaves, bases, model)
     grads = _structural(grads, model)
-    layout, given = _layout(plan, bases, gather(plan.treedef, model, grads), model)
+    per_position = gather(plan.treedef, model, grads)
+    if any(_arrays.is_torch(b) for b in bases):
+        from .interop.torch import check_partials  # only imported once torch is
+
+        check_partials(plan, bases, per_position, model)
+    layout, given = _layout(plan, bases, per_position, model)
 
     active = _apply.active_params(plan, layout)
     new_bases = list(bases)
@@ -111,17 +145,37 @@ def _step(
     else:
         compiled = all(_arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]) for k in active)
         run = _apply.step
+        active_states = [state.states[k] for k in active]
+        active_bases = [bases[k] for k in active]
         if compiled:
             run = _apply.donating_step if donate else _apply.compiled_step
-        stepped_states, stepped, count = run(
-            plan,
-            layout,
-            state.hyper,
-            [state.states[k] for k in active],
-            state.step,
-            [bases[k] for k in active],
-            given,
-        )
+            # The compiled step's outputs are strongly typed and committed to the parameters'
+            # devices: inputs that are not yet (weak types, a count created without a device)
+            # are made so, or the second step would compile again.
+            committed = any(b.committed for b in active_bases)
+            inputs = [*active_bases, *jax.tree_util.tree_leaves(active_states)]
+            if any(_arrays.unsettled(x, committed) for x in inputs):
+                active_states = [
+                    jax.tree_util.tree_map(lambda x, b=b: _arrays.settled(x, b), s)
+                    for s, b in zip(active_states, active_bases, strict=True)
+                ]
+                active_bases = [_arrays.strong(b) for b in active_bases]
+        try:
+            # Non-finite numbers flow through a step as they do in JAX and PyTorch, silently
+            # (``SkipNonFinite`` discards such steps): NumPy is not to warn about them either.
+            with np.errstate(all="ignore"), _arrays.no_grad(active_bases):
+                stepped_states, stepped, count = run(
+                    plan,
+                    layout,
+                    state.hyper,
+                    active_states,
+                    state.step,
+                    active_bases,
+                    given,
+                )
+        except Exception as err:
+            _check_state(plan, state, bases, model, err)
+            raise
         for k, rule_state, new in zip(active, stepped_states, stepped, strict=True):
             new_states[k], new_bases[k] = rule_state, new
 
@@ -183,7 +237,7 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
     """The model still has the parameters and ties the state was set up for."""
 
     def name(pos: int) -> str:  # paths cost a walk over the model: only for a message
-        return path_strings(model)[pos]
+        return path_string(model, pos)
 
     for param, base in zip(plan.params, bases, strict=True):
         if not _arrays.is_trainable(base):
@@ -230,6 +284,67 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
                 "returns a separate array per position) call optstate.retie(state, model); to "
                 "untie on purpose, call setup again"
             )
+    if any(_arrays.is_view(b) for b in bases):  # only views overlap
+        for i, j in _overlapping_pairs(bases):
+            if _arrays.shares_memory(bases[i], bases[j]):
+                raise TieError(
+                    f"{name(plan.params[i].primary)} and {name(plan.params[j].primary)} share "
+                    "memory now, but were separate parameters at setup; call setup again to "
+                    "train a view and its array as one, or pass a copy"
+                )
+
+
+def _check_state(plan: Plan, state: State, bases: list[Any], model: Any, err: Exception) -> None:
+    """After a step failed: a clear error if the state's hyper-parameters or rule states do not
+    fit its rules, as when they were taken from a state set up with another rule."""
+
+    def fits(expected: Any, actual: Any) -> bool:  # ``None`` in a rule's structure: any value
+        if isinstance(expected, dict):
+            return (
+                isinstance(actual, dict)
+                and expected.keys() == actual.keys()
+                and all(fits(expected[k], actual[k]) for k in expected)
+            )
+        if isinstance(expected, tuple | list):
+            return (
+                isinstance(actual, tuple | list)
+                and len(expected) == len(actual)
+                and all(fits(e, a) for e, a in zip(expected, actual, strict=True))
+            )
+        return True
+
+    def layout(tree: Any) -> str:
+        shapes = jax.tree_util.tree_map(
+            lambda x: f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', ()))}",
+            tree,
+        )
+        return repr(shapes).replace("'", "")
+
+    for r, rule in enumerate(plan.rules):
+        if r < len(state.hyper) and not fits(rule.hyper(), state.hyper[r]):
+            raise StructureError(
+                f"the state's hyper-parameters for its rule {rule.name()} are "
+                f"{layout(state.hyper[r])}, which are not {rule.name()}'s; were they taken from "
+                "a state set up with another rule? A state carries its rule: call setup to "
+                "change rules"
+            ) from err
+    for k, r in enumerate(plan.param_rules):
+        if r < 0 or plan.frozen[k]:
+            continue
+        try:
+            expected = plan.rules[r].init(bases[k])
+        except Exception:
+            continue  # a rule whose init needs its hyper-parameters: no diagnosis
+        actual = state.states[k]
+        kept: Any = jax.tree_util.tree_structure(expected)
+        same = kept == jax.tree_util.tree_structure(actual)
+        if not same or layout(expected) != layout(actual):
+            raise StructureError(
+                f"the state's rule state for {path_string(model, plan.params[k].primary)} is "
+                f"{layout(actual)}, but its rule {plan.rules[r].name()} keeps "
+                f"{layout(expected)}; was it taken from a state set up with another rule? A "
+                "state carries its rule: call setup to change rules"
+            ) from err
 
 
 def _describe(x: Any) -> str:
@@ -267,7 +382,7 @@ def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> tuple[Any,
         return None
 
     def fail(message: str, error: type[Exception] = ValueError) -> Exception:
-        return error(message.format(path="grads" + path_strings(model)[pos].removeprefix("model")))
+        return error(message.format(path=path_string(model, pos, "grads")))
 
     if isinstance(g, Transpose):
         raise fail(
@@ -280,7 +395,20 @@ def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> tuple[Any,
                 f"the gradient at {{path}} must be an array (or None), got {type(g).__name__}",
                 TypeError,
             )
-        g = np.asarray(g)
+        # Under jax.jit a list's numbers arrive as traced scalars, which NumPy cannot hold.
+        traced = any(_arrays.is_jax(x) for x in jax.tree_util.tree_leaves(g))
+        try:
+            g = jax.numpy.asarray(g) if traced else np.asarray(g)
+        except (ValueError, TypeError) as err:  # a ragged list
+            reason = str(err).replace("{", "{{").replace("}", "}}")
+            raise fail("the gradient at {path} is not a rectangular array: " + reason) from None
+    if _arrays.has_dtype(g) and not _arrays.is_numeric(g.dtype):
+        dtype = str(g.dtype).replace("{", "{{").replace("}", "}}")
+        raise fail(
+            f"the gradient at {{path}} has dtype {dtype}; a gradient holds numbers (floating, "
+            "integer or complex), not booleans, strings or objects",
+            TypeError,
+        )
     if _arrays.is_complex(g) and not _arrays.is_complex(base):
         raise fail(
             f"the gradient at {{path}} is complex ({g.dtype}) but the parameter is real "

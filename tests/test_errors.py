@@ -167,7 +167,7 @@ def test_numpy_array_of_a_dtype_numpy_cannot_compute_with():
     with pytest.raises(TypeError, match=r"model\['w'\] is a NumPy array of bfloat16.*JAX array"):
         ost.setup(ost.Adam(), model)
     # The same dtype as a JAX array trains.
-    state, new = ost.update(
+    _, new = ost.update(
         ost.setup(ost.Adam(), {"w": jnp.ones(3, jnp.bfloat16)}),
         {"w": jnp.ones(3, jnp.bfloat16)},
         {"w": jnp.ones(3, jnp.bfloat16)},

@@ -155,7 +155,8 @@ def moment_zeros(rule: Rule, mu_dtype: Any, param: Any) -> Any:
 
 def real_dtype(xp: Any, x: Any) -> Any:
     """``float32`` for ``complex64``, the dtype itself for real arrays."""
-    return finfo(xp, x.dtype).dtype
+    dtype = finfo(xp, x.dtype).dtype
+    return getattr(xp, dtype) if isinstance(dtype, str) else dtype  # torch's finfo gives a name
 
 
 def scalar_dtype(xp: Any, x: Any) -> Any:

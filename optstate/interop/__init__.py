@@ -1,0 +1,6 @@
+"""Bridges to other libraries, each imported on its own so that its library stays optional:
+
+* ``optstate.interop.optax``: optax transformations as optstate rules, and optstate rules as
+  tie-aware optax transformations;
+* ``optstate.interop.torch``: PyTorch modules and ``.grad`` gradients.
+"""
