@@ -9,6 +9,7 @@ the optimiser see once), hand-derived sums of partial gradients, and NumPy runs 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -418,6 +419,21 @@ def test_errors_name_the_path_and_leave_everything_as_it_was() -> None:
     with pytest.raises(ValueError, match=r"model\['mix\.weight'\] changed since setup"):
         ost.update(state, other, {})
     assert_close(ost_torch.parameters(module), before)
+
+
+def test_a_state_carries_over_to_a_copy_of_its_module() -> None:
+    """The state records names, shapes and dtypes, not Parameter objects: after three steps it
+    carries on with a copy of the module (as after loading weights), as torch.optim carries on."""
+    rule, make = OPTIMISERS["nesterov"]
+    ours, ref = TiedLM(11), TiedLM(11)
+    opt = make(list(ref.parameters()))
+    state = ost.setup(rule, ours)
+    for step in range(STEPS):
+        if step == 3:
+            ours = copy.deepcopy(ours)  # new Parameter objects, the tie kept
+        state, ours = ost.update_(state, ours, totals(ours, step))
+        reference_step(ref, opt, step)
+    assert_close(ost_torch.parameters(ours), ost_torch.parameters(ref))
 
 
 def test_grad_totals_needs_leaf_tensors() -> None:
