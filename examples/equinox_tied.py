@@ -12,7 +12,7 @@ download) with a residual block applied twice, ``block`` and ``again`` being one
 ``eqx.filter_grad`` gives no gradient and optstate passes through. Three runs from the same
 initial weights, full batch, the same Adam settings:
 
-1. **optstate**: ``eqx.filter_grad`` then ``ost.update`` inside ``eqx.filter_jit``. There the
+1. **optstate**: ``eqx.filter_value_and_grad`` then ``ost.update`` in ``eqx.filter_jit``. There the
    arrays are tracers without identity and the state's tie plan carries the tie; the model that
    comes back holds equal copies in ``block`` and ``again``, which ``ost.retie`` makes one
    object again at the end.

@@ -171,6 +171,17 @@ def test_injected_hyperparameters_are_adjusted_without_recompiling() -> None:
     assert len(traces) == 1
 
 
+def test_an_optstate_schedule_drives_an_injected_hyperparameter() -> None:
+    """By hand: SGD with a learning rate falling linearly from 1 to 0 over 4 steps (1, 0.75,
+    0.5 at steps 0, 1, 2) and a unit gradient."""
+    rule = ost_optax.from_optax(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+    model = {"w": jnp.zeros(2)}
+    state = ost.adjust(ost.setup(rule, model), learning_rate=ost.schedules.linear(1.0, 0.0, 4))
+    for expected in (-1.0, -1.75, -2.25):
+        state, model = ost.update(state, model, {"w": jnp.ones(2)})
+        np.testing.assert_array_equal(model["w"], [expected, expected])
+
+
 def test_adjusting_an_unknown_hyperparameter_is_refused() -> None:
     state = ost.setup(ost_optax.from_optax(optax.adam(1e-3)), {"w": jnp.ones(2)})
     with pytest.raises(ValueError, match=r"unknown hyper-parameter.*learning_rate"):
@@ -259,8 +270,8 @@ def test_to_optax_in_an_optax_loop_keeps_ties_and_equals_the_reference(jit: bool
         params, opt_state = step(params, opt_state)
         ref, ref_state = ref_step(ref, ref_state, x)
         assert_tied(params)  # equal at every position after optax.apply_updates
-        # The update is new - old, so p + u rounds once more than the reference's p - step,
-        # and optstate's Adam rounds 1 - beta2 in float32 (docs/rules.md): one ulp each.
+        # The update is new - old, so p + u rounds once more than the reference's p + u': at
+        # most one ulp of the parameter per step, within ULPS.
         assert_matches(params, ref)
     assert np.array_equal(params["count"], np.arange(2))
 
