@@ -32,6 +32,12 @@ def active_params(plan: Plan, layout: Layout) -> tuple[int, ...]:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def n_trained(plan: Plan) -> int:
+    """How many parameters have a rule and are not frozen."""
+    return sum(1 for k, r in enumerate(plan.param_rules) if r >= 0 and not plan.frozen[k])
+
+
 def step(
     plan: Plan,
     layout: Layout,
@@ -46,6 +52,58 @@ def step(
     ``states`` and ``bases`` hold the active parameters' rule states and arrays (in the order of
     ``active_params``); ``grads`` the gradients of the positions that carry one, in position order.
     """
+    active, sums = _summed(plan, layout, bases, grads)
+    new_states, new_bases = list(states), list(bases)
+    for r, members in _groups(plan, active):
+        _pure(
+            plan.rules[r],
+            _evaluate(hyper[r], count),
+            members,
+            states,
+            bases,
+            sums,
+            new_states,
+            new_bases,
+        )
+    return new_states, new_bases, _arrays.as_array(count + 1, count)
+
+
+def step_in_place(
+    plan: Plan,
+    layout: Layout,
+    hyper: tuple[Any, ...],
+    states: list[Any],
+    count: Any,
+    bases: list[Any],
+    grads: list[Any],
+) -> tuple[list[Any], list[Any], Any]:
+    """``step`` for ``update_`` on mutable arrays: a rule with an in-place form that fits the
+    arrays (``Rule.in_place``) writes its new states and parameters into the arrays they have,
+    which it returns (the same objects). The other groups are computed first, as ``step`` does,
+    so that a failure there leaves every array as it was."""
+    active, sums = _summed(plan, layout, bases, grads)
+    new_states, new_bases = list(states), list(bases)
+    writers = []
+    for r, members in _groups(plan, active):
+        rule, rule_hyper = plan.rules[r], _evaluate(hyper[r], count)
+        args = (
+            [states[i] for i in members],
+            [bases[i] for i in members],
+            [sums[i] for i in members],
+        )
+        if rule.in_place(*args):
+            writers.append((rule, rule_hyper, args))
+        else:
+            _pure(rule, rule_hyper, members, states, bases, sums, new_states, new_bases)
+    for rule, rule_hyper, args in writers:
+        rule.update_all_(rule_hyper, *args)
+    return new_states, new_bases, _arrays.as_array(count + 1, count)
+
+
+def _summed(
+    plan: Plan, layout: Layout, bases: list[Any], grads: list[Any]
+) -> tuple[tuple[int, ...], list[Any]]:
+    """The active parameters, and each one's gradients summed in its own orientation."""
     active = active_params(plan, layout)
     index = {k: i for i, k in enumerate(active)}
     sums: list[Any] = [None] * len(active)
@@ -55,25 +113,44 @@ def step(
             continue
         i = index[plan.slots[pos].param]  # type: ignore[union-attr]
         g = _arrays.permute(_arrays.coerce(next(given), bases[i]), _arrays.inverse(orient))
-        sums[i] = g if sums[i] is None else sums[i] + g
+        sums[i] = g if sums[i] is None else _arrays.as_array(sums[i] + g, g)  # 0-d stays an array
+    return active, sums
 
-    new_states, new_bases = list(states), list(bases)
+
+def _groups(plan: Plan, active: tuple[int, ...]) -> list[tuple[int, list[int]]]:
+    """Each rule with active parameters, and their indices in ``active``."""
+    index = {k: i for i, k in enumerate(active)}
+    out = []
     for r, group in enumerate(plan.groups):
         members = [index[k] for k in group if k in index]
-        if not members:
-            continue
-        rule_states, news = plan.rules[r].update_all(
-            _evaluate(hyper[r], count),
-            [states[i] for i in members],
-            [bases[i] for i in members],
-            [sums[i] for i in members],
-        )
-        for i, rule_state, new in zip(members, rule_states, news, strict=True):
-            if _arrays.is_numpy(bases[i]) and bases[i].ndim == 0:  # NumPy makes 0-d results scalars
-                rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
-            new_states[i] = rule_state
-            new_bases[i] = _arrays.as_array(new, bases[i])
-    return new_states, new_bases, _arrays.as_array(count + 1, count)
+        if members:
+            out.append((r, members))
+    return out
+
+
+def _pure(
+    rule: Any,
+    hyper: Any,
+    members: list[int],
+    states: list[Any],
+    bases: list[Any],
+    sums: list[Any],
+    new_states: list[Any],
+    new_bases: list[Any],
+) -> None:
+    """One rule's ``update_all`` on its members, its results put into ``new_states`` and
+    ``new_bases``."""
+    rule_states, news = rule.update_all(
+        hyper,
+        [states[i] for i in members],
+        [bases[i] for i in members],
+        [sums[i] for i in members],
+    )
+    for i, rule_state, new in zip(members, rule_states, news, strict=True):
+        if _arrays.is_numpy(bases[i]) and bases[i].ndim == 0:  # NumPy makes 0-d results scalars
+            rule_state = jax.tree_util.tree_map(np.asarray, rule_state)
+        new_states[i] = rule_state
+        new_bases[i] = _arrays.as_array(new, bases[i])
 
 
 compiled_step = jax.jit(step, static_argnums=(0, 1))

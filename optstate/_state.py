@@ -86,13 +86,17 @@ class State:
         plan: the static tie plan (see ``Plan``).
     """
 
-    __slots__ = ("hyper", "plan", "states", "step")
+    __slots__ = ("_verified", "hyper", "plan", "states", "step")
 
     def __init__(self, states: Sequence[Any], hyper: Sequence[Any], step: Any, plan: Plan) -> None:
         self.states = tuple(states)
         self.hyper = tuple(hyper)
         self.step = step
         self.plan = plan
+        # Weak references to the leaves of the model that ``update`` returned with this state,
+        # when they are all JAX arrays: a model holding exactly those arrays has passed every
+        # check, and its arrays and this state's come out of a compiled step, ready for the next.
+        self._verified: tuple[Any, ...] | None = None
 
     def tree_flatten_with_keys(self) -> tuple[Any, Plan]:
         key = jax.tree_util.GetAttrKey

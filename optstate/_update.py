@@ -9,6 +9,7 @@ or written, so a bad call leaves state and model as they were.
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Any
 
 import jax
@@ -81,7 +82,11 @@ def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     """``update``, writing each new parameter into its array where that array is writable (NumPy
     arrays, torch tensors), so views and ties held elsewhere see the step. Returns
     ``(state, model)`` like ``update``; the written arrays are the same objects as before. JAX
-    arrays are immutable: for them it is ``update``. The state is not written in place. A torch
+    arrays are immutable: for them it is ``update``. Where a rule has an in-place form
+    (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) and the arrays allow it
+    (writable float32 or float64 NumPy arrays or torch tensors, moments in the parameter's
+    dtype), the rule's state is written in place too, and the returned state holds the same
+    arrays: keep a copy (``copy.deepcopy``) to hold on to an earlier state. A torch
     ``nn.Module`` has its Parameters written in place and is returned itself (see
     ``optstate.interop.torch``).
     """
@@ -128,7 +133,9 @@ def _step(
     leaves, treedef = flatten(model)
     _check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
-    _check_model(plan, leaves, bases, model)
+    verified = _returned_with(state, leaves)
+    if not verified:
+        _check_model(plan, leaves, bases, model)
     grads = _structural(grads, model)
     per_position = gather(plan.treedef, model, grads)
     if any(_arrays.is_torch(b) for b in bases):
@@ -140,11 +147,12 @@ def _step(
     active = _apply.active_params(plan, layout)
     new_bases = list(bases)
     new_states = list(state.states)
+    compiled = False
     if not active:
         count = _arrays.as_array(state.step + 1, state.step)
     else:
         compiled = all(_arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]) for k in active)
-        run = _apply.step
+        run = _apply.step_in_place if in_place and not compiled else _apply.step
         active_states = [state.states[k] for k in active]
         active_bases = [bases[k] for k in active]
         if compiled:
@@ -153,7 +161,7 @@ def _step(
             # devices: inputs that are not yet (weak types, a count created without a device)
             # are made so, or the second step would compile again.
             committed = any(b.committed for b in active_bases)
-            inputs = [*active_bases, *jax.tree_util.tree_leaves(active_states)]
+            inputs = [] if verified else [*active_bases, *jax.tree_util.tree_leaves(active_states)]
             if any(_arrays.unsettled(x, committed) for x in inputs):
                 active_states = [
                     jax.tree_util.tree_map(lambda x, b=b: _arrays.settled(x, b), s)
@@ -182,12 +190,33 @@ def _step(
     changed = [False] * len(bases)
     for k in active:
         if in_place and _arrays.writable(bases[k]):
-            _arrays.write_(bases[k], new_bases[k])
+            if new_bases[k] is not bases[k]:  # not already written by the rule's in-place form
+                _arrays.write_(bases[k], new_bases[k])
             new_bases[k] = bases[k]  # every position already holds the new values
         else:
             changed[k] = True
     new_leaves = _place(plan, leaves, new_bases, changed)
-    return State(new_states, state.hyper, count, plan), treedef.unflatten(new_leaves)
+    new_state = State(new_states, state.hyper, count, plan)
+    if compiled and len(active) == _apply.n_trained(plan):  # every array came out of the step
+        new_state._verified = _references(new_leaves)
+    return new_state, treedef.unflatten(new_leaves)
+
+
+def _references(leaves: list[Any]) -> tuple[Any, ...] | None:
+    """Weak references to ``leaves`` if they are all JAX arrays (see ``State._verified``)."""
+    if not all(_arrays.is_jax(x) and not _arrays.is_tracer(x) for x in leaves):
+        return None
+    return tuple(weakref.ref(x) for x in leaves)
+
+
+def _returned_with(state: State, leaves: list[Any]) -> bool:
+    """``leaves`` are the very arrays ``update`` returned with ``state``."""
+    refs = state._verified
+    return (
+        refs is not None
+        and len(refs) == len(leaves)
+        and all(ref() is x for ref, x in zip(refs, leaves, strict=True))
+    )
 
 
 def _structural(grads: Any, model: Any) -> Any:
@@ -366,7 +395,18 @@ def _layout(
         k = slot.param
         if plan.frozen[k] or plan.param_rules[k] < 0:
             continue
-        oriented = _oriented(slot, bases[k], g, pos, model)
+        base = bases[k]
+        if (
+            not slot.depth
+            and slot.perm is None
+            and getattr(g, "dtype", None) == base.dtype
+            and getattr(g, "shape", None) == base.shape
+            and not isinstance(g, Transpose)
+        ):  # the common case, an array just like its parameter: every check of _oriented holds
+            layout[pos] = None
+            given.append(g)
+            continue
+        oriented = _oriented(slot, base, g, pos, model)
         if oriented is not None:
             layout[pos], g = oriented
             given.append(g)

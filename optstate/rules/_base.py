@@ -15,6 +15,12 @@ summed gradient at a time, and turns them into the *step* that is subtracted fro
 By default it applies ``apply`` to each and subtracts the step; a rule that looks across
 parameters (``ClipGlobalNorm``, ``SkipNonFinite``) overrides ``apply_all``, and one that makes the
 new parameter itself (``MixedPrecision``) overrides ``update_all``.
+
+``update_`` on mutable arrays (NumPy, torch) first asks ``in_place``: a rule that has an in-place
+form (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) says yes where the arrays allow
+it, and ``update_all_`` then writes the new state and parameters into the arrays they already
+have, with the list operations of ``_inplace`` (one multi-tensor kernel per operation on torch).
+The pure ``apply`` stays the definition: the tests check that both forms agree.
 """
 
 from __future__ import annotations
@@ -65,6 +71,20 @@ class Rule:
         """``(new_states, new_params)``: the steps of ``apply_all`` subtracted, dtypes kept."""
         states, steps = self.apply_all(hyper, states, params, grads)
         return states, [cast(p - step, p.dtype) for p, step in zip(params, steps, strict=True)]
+
+    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        """Whether ``update_all_`` can step these parameters (no rule can, unless it says so)."""
+        del states, params, grads
+        return False
+
+    def update_all_(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> None:
+        """``update_all`` written into the arrays: the new parameters into ``params``, the new
+        rule states into the arrays of ``states``. Called only where ``in_place`` said yes, after
+        every other group of the step has been computed; it must not fail on such inputs, so a
+        failed step still leaves everything as it was."""
+        raise NotImplementedError(f"{self.name()} has no in-place form")
 
     def ready(self, state: Any) -> Any:
         """``None``, or a 0-d boolean computed from the new state: ``False`` while the rule is

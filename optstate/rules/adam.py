@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from . import _inplace
 from ._base import Rule, abs2, cast, moment_zeros, namespace, real_dtype, scalar_dtype, scalars
 
 
@@ -44,6 +45,29 @@ def _direction(hyper: Any, state: AdamState, grad: Any) -> tuple[AdamState, Any]
     nu_hat = nu / cast(xp.asarray(1 - b2**t), real)
     direction = mu_hat / cast(xp.sqrt(nu_hat) + cast(eps, real), dtype)
     return AdamState(cast(mu, state.mu.dtype), nu, count), direction
+
+
+def _step_(
+    hyper: Any, states: list[AdamState], params: list[Any], grads: list[Any], decay: float = 0.0
+) -> None:
+    """Adam (with decoupled ``decay``) in place, the arithmetic of ``torch.optim.Adam``'s
+    ``foreach`` form: ``m`` lerps towards ``g``, ``v`` takes ``(1 - beta2) g^2``, and the
+    parameter moves by ``-lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``."""
+    beta1, beta2 = (float(b) for b in hyper["betas"])
+    lr, eps = float(hyper["lr"]), float(hyper["eps"])
+    mus, nus = [s.mu for s in states], [s.nu for s in states]
+    counts = [s.count for s in states]
+    _inplace.add_(counts, 1)
+    steps = _inplace.values(counts)
+    _inplace.lerp_(mus, grads, 1 - beta1)
+    _inplace.mul_(nus, beta2)
+    _inplace.addcmul_(nus, grads, grads, 1 - beta2)
+    denominators = _inplace.sqrt(nus)
+    _inplace.div_(denominators, [(1 - beta2**t) ** 0.5 for t in steps])
+    _inplace.add_(denominators, eps)
+    if decay:
+        _inplace.mul_(params, 1 - lr * decay)
+    _inplace.addcdiv_(params, mus, denominators, [-lr / (1 - beta1**t) for t in steps])
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,14 @@ class Adam(Rule):
         (lr,) = scalars(namespace(grad), grad.dtype, hyper["lr"])
         return state, lr * direction
 
+    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        return _inplace.fits(states, params, grads)
+
+    def update_all_(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> None:
+        _step_(hyper, states, params, grads)
+
 
 @dataclass(frozen=True)
 class AdamW(Rule):
@@ -122,3 +154,11 @@ class AdamW(Rule):
         xp = namespace(grad)
         lr, decay = scalars(xp, grad.dtype, hyper["lr"], hyper["weight_decay"])
         return state, lr * (direction + decay * param)
+
+    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        return _inplace.fits(states, params, grads)
+
+    def update_all_(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> None:
+        _step_(hyper, states, params, grads, float(hyper["weight_decay"]))

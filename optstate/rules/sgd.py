@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from . import _inplace
 from ._base import Rule, namespace, scalars
 
 
@@ -31,6 +32,14 @@ class Descent(Rule):
         xp = namespace(grad)
         (lr,) = scalars(xp, grad.dtype, hyper["lr"])
         return state, lr * grad
+
+    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        return _inplace.fits(states, params, grads)
+
+    def update_all_(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> None:
+        _inplace.add_scaled_(params, grads, -float(hyper["lr"]))
 
 
 class MomentumState(NamedTuple):
@@ -66,6 +75,14 @@ class Momentum(Rule):
         del param
         return _momentum(hyper, state, grad, nesterov=False)
 
+    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        return _inplace.fits(states, params, grads)
+
+    def update_all_(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> None:
+        _momentum_(hyper, states, params, grads, nesterov=False)
+
 
 @dataclass(frozen=True)
 class Nesterov(Rule):
@@ -96,9 +113,30 @@ class Nesterov(Rule):
         del param
         return _momentum(hyper, state, grad, nesterov=True)
 
+    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        return _inplace.fits(states, params, grads)
+
+    def update_all_(
+        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+    ) -> None:
+        _momentum_(hyper, states, params, grads, nesterov=True)
+
 
 def _momentum(hyper: Any, state: Any, grad: Any, *, nesterov: bool) -> tuple[Any, Any]:
     xp = namespace(grad)
     lr, mu = scalars(xp, grad.dtype, hyper["lr"], hyper["momentum"])
     velocity = mu * state.velocity + grad
     return MomentumState(velocity), lr * (grad + mu * velocity if nesterov else velocity)
+
+
+def _momentum_(
+    hyper: Any, states: list[Any], params: list[Any], grads: list[Any], *, nesterov: bool
+) -> None:
+    """``_momentum`` in place, the arithmetic of ``torch.optim.SGD``'s ``foreach`` form."""
+    lr, mu = float(hyper["lr"]), float(hyper["momentum"])
+    velocities = [s.velocity for s in states]
+    _inplace.mul_(velocities, mu)
+    _inplace.add_scaled_(velocities, grads, 1.0)
+    if nesterov:
+        _inplace.add_scaled_(params, grads, -lr)
+    _inplace.add_scaled_(params, velocities, -lr * mu if nesterov else -lr)

@@ -1,0 +1,158 @@
+"""In-place arithmetic on lists of arrays: the vocabulary of the rules' in-place forms.
+
+``update_`` on mutable arrays (NumPy arrays, torch tensors) lets a rule write its new state and
+parameters into the arrays they already have (``Rule.update_all_``) instead of making new ones:
+no allocation, fewer passes over memory, one call for a whole group of parameters. These
+functions take lists of arrays of one namespace. On torch each is one multi-tensor kernel
+(``torch._foreach_*``, what ``torch.optim``'s ``foreach`` implementations are built from); on
+NumPy it is a loop writing with ``out=``. Scalars are Python numbers, one for the list or one
+per array.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from .. import _arrays
+
+Arrays = Sequence[Any]
+Scalars = float | Sequence[float]
+
+# The dtypes an in-place form computes in: Python-number scalars meet them at their own
+# precision, as the pure forms' 0-d arrays of the parameter's dtype do. 16-bit floats, whose pure
+# forms compute their scalars in float32 first, and complex numbers take the pure form.
+_FLOATS = ("float32", "float64")
+
+
+def fits(states: Sequence[Any], params: Arrays, grads: Arrays) -> bool:
+    """The parameters, gradients and rule states can be stepped in place: all NumPy arrays or all
+    torch tensors, parameters and states writable, parameters and gradients float32 or float64,
+    every state array that is not a count in its parameter's dtype."""
+    if not params:
+        return False
+    torch = _arrays.is_torch(params[0])
+    same = _arrays.is_torch if torch else _arrays.is_numpy
+    for state, p, g in zip(states, params, grads, strict=True):
+        if not (same(p) and same(g) and _arrays.writable(p)):
+            return False
+        if _dtype(p) not in _FLOATS or g.dtype != p.dtype:
+            return False
+        for x in _leaves(state):
+            if not (same(x) and _arrays.writable(x)):
+                return False
+            if "int" not in _dtype(x) and x.dtype != p.dtype:  # a moment, not a count
+                return False
+    return True
+
+
+def _dtype(x: Any) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def _leaves(state: Any) -> list[Any]:
+    return jax.tree_util.tree_leaves(state)
+
+
+def _torch(xs: Arrays) -> Any:
+    """The torch module if ``xs`` are tensors, else ``None``."""
+    return sys.modules["torch"] if xs and _arrays.is_torch(xs[0]) else None
+
+
+def _each(values: Scalars, n: int) -> list[float]:
+    return [float(v) for v in values] if isinstance(values, Sequence) else [float(values)] * n
+
+
+def values(xs: Arrays) -> list[int]:
+    """The numbers held by 0-d arrays (a state's step counts)."""
+    return [int(x) for x in xs]
+
+
+def add_(xs: Arrays, value: float) -> None:
+    """``x += value``."""
+    torch = _torch(xs)
+    if torch is not None:
+        torch._foreach_add_(list(xs), value)
+        return
+    for x in xs:
+        x += value
+
+
+def mul_(xs: Arrays, value: float) -> None:
+    """``x *= value``."""
+    torch = _torch(xs)
+    if torch is not None:
+        torch._foreach_mul_(list(xs), value)
+        return
+    for x in xs:
+        x *= value
+
+
+def add_scaled_(xs: Arrays, ys: Arrays, alpha: float) -> None:
+    """``x += alpha * y``."""
+    torch = _torch(xs)
+    if torch is not None:
+        torch._foreach_add_(list(xs), list(ys), alpha=alpha)
+        return
+    for x, y in zip(xs, ys, strict=True):
+        x += alpha * y
+
+
+def lerp_(xs: Arrays, ys: Arrays, weight: float) -> None:
+    """``x += weight * (y - x)``, i.e. ``x = (1 - weight) x + weight y``."""
+    torch = _torch(xs)
+    if torch is not None:
+        torch._foreach_lerp_(list(xs), list(ys), weight)
+        return
+    for x, y in zip(xs, ys, strict=True):
+        t = np.subtract(y, x)
+        t *= weight
+        x += t
+
+
+def addcmul_(xs: Arrays, ys: Arrays, zs: Arrays, value: float) -> None:
+    """``x += value * y * z``."""
+    torch = _torch(xs)
+    if torch is not None:
+        torch._foreach_addcmul_(list(xs), list(ys), list(zs), value)
+        return
+    for x, y, z in zip(xs, ys, zs, strict=True):
+        t = np.multiply(y, z)
+        t *= value
+        x += t
+
+
+def addcdiv_(xs: Arrays, ys: Arrays, zs: Arrays, values: Scalars) -> None:
+    """``x += v * y / z``, with ``v`` one number or one per array."""
+    torch = _torch(xs)
+    each = _each(values, len(xs))
+    if torch is not None:
+        torch._foreach_addcdiv_(list(xs), list(ys), list(zs), each)
+        return
+    for x, y, z, v in zip(xs, ys, zs, each, strict=True):
+        t = np.divide(y, z)
+        t *= v
+        x += t
+
+
+def sqrt(xs: Arrays) -> list[Any]:
+    """New arrays ``sqrt(x)``."""
+    torch = _torch(xs)
+    if torch is not None:
+        return list(torch._foreach_sqrt(list(xs)))
+    return [np.sqrt(x, out=np.empty_like(x)) for x in xs]  # arrays, also where 0-d
+
+
+def div_(xs: Arrays, values: Scalars) -> None:
+    """``x /= v``, with ``v`` one number or one per array."""
+    torch = _torch(xs)
+    each = _each(values, len(xs))
+    if torch is not None:
+        torch._foreach_div_(list(xs), each)
+        return
+    for x, v in zip(xs, each, strict=True):
+        x /= v
