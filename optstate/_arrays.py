@@ -118,7 +118,14 @@ def _beside(x: Any, like: Any) -> Any:
     again."""
     if is_tracer(like) or not like.committed:
         return x
+    return _put(x, like, same_shape=False)
+
+
+def _put(x: Any, like: Any, *, same_shape: bool) -> Any:
+    """``x`` committed where ``like`` lives: with its sharding, or replicated on its devices."""
     sharding = like.sharding
+    if same_shape:
+        return jax.device_put(x, sharding)
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = jax.sharding.PartitionSpec()  # type: ignore[no-untyped-call]
         sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
@@ -128,19 +135,19 @@ def _beside(x: Any, like: Any) -> Any:
 
 
 def unsettled(x: Any, committed: bool) -> bool:
-    """``x`` is weakly typed, or not committed to a device while the parameters are."""
+    """``x`` is weakly typed, or not committed to a device while other inputs are."""
     return bool(getattr(x, "weak_type", False) or (committed and not getattr(x, "committed", 1)))
 
 
-def settled(x: Any, like: Any) -> Any:
-    """``x`` strongly typed, and committed where ``like`` is if it was not: with ``like``'s
+def settled(x: Any, like: Any, committed: bool) -> Any:
+    """``x`` strongly typed, and, if ``committed``, committed where its parameter ``like`` lives
+    (a compiled step with any committed input returns committed outputs, and an input that was
+    not committed on the first step would make the second compile again): with ``like``'s
     sharding if it has ``like``'s shape, replicated on its devices otherwise."""
     x = strong(x)
-    if not is_jax(x) or x.committed or not like.committed:
+    if not committed or not is_jax(x) or x.committed:
         return x
-    if tuple(x.shape) == tuple(like.shape):
-        return jax.device_put(x, like.sharding)
-    return _beside(x, like)
+    return _put(x, like, same_shape=tuple(x.shape) == tuple(like.shape))
 
 
 def strong(x: Any) -> Any:

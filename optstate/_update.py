@@ -153,21 +153,25 @@ def _step(
     else:
         compiled = all(_arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]) for k in active)
         run = _apply.step_in_place if in_place and not compiled else _apply.step
+        step_count = state.step
         active_states = [state.states[k] for k in active]
         active_bases = [bases[k] for k in active]
         if compiled:
             run = _apply.donating_step if donate else _apply.compiled_step
-            # The compiled step's outputs are strongly typed and committed to the parameters'
-            # devices: inputs that are not yet (weak types, a count created without a device)
-            # are made so, or the second step would compile again.
-            committed = any(b.committed for b in active_bases)
-            inputs = [] if verified else [*active_bases, *jax.tree_util.tree_leaves(active_states)]
-            if any(_arrays.unsettled(x, committed) for x in inputs):
-                active_states = [
-                    jax.tree_util.tree_map(lambda x, b=b: _arrays.settled(x, b), s)
-                    for s, b in zip(active_states, active_bases, strict=True)
-                ]
-                active_bases = [_arrays.strong(b) for b in active_bases]
+            # The compiled step's outputs are strongly typed, and committed to the parameters'
+            # devices if any input is: inputs that are not yet (weak types, a count created
+            # without a device beside committed parameters, or the other way round) are made so,
+            # or the second step would compile again.
+            if not verified:
+                inputs = [*active_bases, *jax.tree_util.tree_leaves(active_states), step_count]
+                committed = any(getattr(x, "committed", False) for x in [*inputs, *given])
+                if any(_arrays.unsettled(x, committed) for x in inputs):
+                    active_states = [
+                        jax.tree_util.tree_map(lambda x, b=b: _arrays.settled(x, b, committed), s)
+                        for s, b in zip(active_states, active_bases, strict=True)
+                    ]
+                    step_count = _arrays.settled(step_count, active_bases[0], committed)
+                    active_bases = [_arrays.settled(b, b, committed) for b in active_bases]
         try:
             # Non-finite numbers flow through a step as they do in JAX and PyTorch, silently
             # (``SkipNonFinite`` discards such steps): NumPy is not to warn about them either.
@@ -177,7 +181,7 @@ def _step(
                     layout,
                     state.hyper,
                     active_states,
-                    state.step,
+                    step_count,
                     active_bases,
                     given,
                 )

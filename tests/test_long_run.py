@@ -195,11 +195,25 @@ def test_the_trained_weights_equal_optax_on_the_single_weight(run):
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("placement", ["committed", "sharded"])
+@pytest.mark.parametrize("placement", ["committed", "sharded", "uncommitted, many leaves"])
 def test_committed_and_sharded_parameters_compile_once(placement):
     """A compiled step returns arrays committed to the parameters' devices; the state made by
-    ``setup`` must be so from the start, or the second step compiles again."""
+    ``setup`` must be so from the start, or the second step compiles again. With many leaves of
+    one shape ``setup`` makes the state in one compiled call, whose committed outputs sit beside
+    parameters that are not committed: the step commits them all on the first call."""
     mesh = jax.make_mesh((2,), ("x",))
+    if placement.startswith("uncommitted"):
+        model = {f"w{i:03d}": jnp.full((3,), float(i)) for i in range(100)}
+        state = ost.setup(ost.Adam(1e-2), model)
+        grads = {name: jnp.ones(3) for name in model}
+        with counting_compiles() as compiles:
+            for i in range(3):
+                state, model = ost.update(state, model, grads)
+                if i == 0:
+                    first = len(compiles)
+        assert first >= 1
+        assert len(compiles) == first
+        return
     if placement == "sharded":
         where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
     else:
