@@ -167,9 +167,10 @@ def _assign(
 
 
 # Creating a state array eagerly costs one dispatch per array (about 0.1 ms here); a compiled
-# ``init`` creates all of a parameter's state arrays in one call of about a tenth of that, but
-# compiling it costs about as much as 200 eager creations. So parameters are grouped by rule,
-# shape, dtype and sharding, and only groups at least this large are created by a compiled init.
+# ``init`` creates the state arrays of a chunk of parameters in one call, but compiling it costs
+# about as much as 200 eager creations. So parameters are grouped by rule, shape, dtype and
+# sharding, and the parameters of a group at least this large are created by compiled calls of
+# this many parameters each (and one for the rest), one compilation per chunk size.
 _COMPILED_INIT_MIN_GROUP = 64
 
 
@@ -185,33 +186,41 @@ def _init_states(rules: list[Rule], param_rules: tuple[int, ...], bases: list[An
             groups.setdefault((r, base.shape, base.dtype, base.sharding), []).append(k)
         else:
             states[k] = rules[r].init(base)
-    for (r, *signature), members in groups.items():
-        init = None
+    for (r, shape, dtype, sharding), members in groups.items():
         if len(members) >= _COMPILED_INIT_MIN_GROUP:
-            init = _compiled_init(rules[r], *signature)
+            chunk = _COMPILED_INIT_MIN_GROUP
+            for start in range(0, len(members), chunk):  # one dispatch per chunk
+                ks = members[start : start + chunk]
+                init = _compiled_init(rules[r], shape, dtype, sharding, len(ks))
+                if init is None:
+                    break
+                for k, state in zip(ks, init([bases[k] for k in ks]), strict=True):
+                    states[k] = state
+            else:
+                continue
         for k in members:
-            states[k] = (init or rules[r].init)(bases[k])
+            states[k] = rules[r].init(bases[k])
     return states
 
 
-Init = Callable[[Any], Any]
+Init = Callable[[list[Any]], list[Any]]
 
 
-def _compiled_init(rule: Rule, shape: Any, dtype: Any, sharding: Any) -> Init | None:
+def _compiled_init(rule: Rule, shape: Any, dtype: Any, sharding: Any, n: int) -> Init | None:
     """``_compiled_once`` for a hashable rule; ``None`` (the eager init) for one that is not."""
     try:
         hash(rule)
     except TypeError:  # a rule holding an array, say
         return None
-    return _compiled_once(rule, shape, dtype, sharding)
+    return _compiled_once(rule, shape, dtype, sharding, n)
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled_once(rule: Rule, shape: Any, dtype: Any, sharding: Any) -> Init | None:
-    """``rule.init`` compiled for parameters of this shape, dtype and sharding, creating each state
-    array with the sharding the eager ``init`` would give it: the parameter's for arrays of the
-    parameter's shape, replicated on the same devices otherwise. ``None`` for a sharding it does
-    not know how to replicate."""
+def _compiled_once(rule: Rule, shape: Any, dtype: Any, sharding: Any, n: int) -> Init | None:
+    """``rule.init`` of ``n`` parameters of this shape, dtype and sharding, compiled into one
+    call, creating each state array with the sharding the eager ``init`` would give it: the
+    parameter's for arrays of the parameter's shape, replicated on the same devices otherwise.
+    ``None`` for a sharding it does not know how to replicate."""
     replicated: Any
     if isinstance(sharding, SingleDeviceSharding):
         replicated = sharding
@@ -224,4 +233,4 @@ def _compiled_once(rule: Rule, shape: Any, dtype: Any, sharding: Any) -> Init | 
     shardings = jax.tree_util.tree_map(
         lambda s: sharding if tuple(s.shape) == tuple(shape) else replicated, out
     )
-    return jax.jit(rule.init, out_shardings=shardings)
+    return jax.jit(lambda ps: [rule.init(p) for p in ps], out_shardings=[shardings] * n)

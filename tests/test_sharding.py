@@ -346,7 +346,7 @@ def test_a_compiled_init_equals_the_rules_own_init(rule: ost.Rule) -> None:
     mesh = make_mesh()
     rng = np.random.default_rng(1)
     sharded = NamedSharding(mesh, P("data", "model"))
-    n = _COMPILED_INIT_MIN_GROUP  # enough same-shaped parameters to take the compiled path
+    n = _COMPILED_INIT_MIN_GROUP + 3  # a compiled init of a full chunk, one of the other three
     model = [
         jax.device_put(rng.normal(size=(4, 6)).astype(np.float32), sharded) for _ in range(n)
     ] + [jnp.asarray(rng.normal(size=(3, 2)), jnp.float32) for _ in range(n)]
