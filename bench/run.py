@@ -65,7 +65,7 @@ class Sizes:
     setup_shape: tuple[int, ...] = (16,)  # d
     step_repeats: int = 21  # a, b, e: timed rounds
     small_repeats: int = 41  # c
-    setup_repeats: int = 3  # d
+    setup_repeats: int = 7  # d
 
 
 QUICK = Sizes(

@@ -49,9 +49,9 @@ def is_torch(x: Any) -> bool:
 
 def is_trainable(x: Any) -> bool:
     """A floating or complex array. Python numbers, NumPy scalars and integer arrays are not."""
-    if is_torch(x):
-        return bool(x.is_floating_point() or x.is_complex())
-    return (is_numpy(x) or is_jax(x)) and _inexact(x.dtype)
+    if is_jax(x) or is_numpy(x):
+        return _inexact(x.dtype)
+    return is_torch(x) and bool(x.is_floating_point() or x.is_complex())
 
 
 @functools.cache

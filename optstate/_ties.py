@@ -92,6 +92,7 @@ def find_ties(
         where[k].append((pos, depth))
 
     groups = _Groups(len(objects))
+    joined = False
     for i, j in _overlapping_pairs(objects):
         a, b = objects[i], objects[j]
         if not _arrays.shares_memory(a, b):
@@ -109,14 +110,20 @@ def find_ties(
                 "`optstate.Transpose(x)`) for a tie."
             )
         groups.union(i, j)
+        joined = True
 
-    members: dict[int, list[int]] = {}
-    for k in range(len(objects)):
-        members.setdefault(groups.find(k), []).append(k)
+    ordered: list[list[int]]
+    if joined:
+        members: dict[int, list[int]] = {}
+        for k in range(len(objects)):
+            members.setdefault(groups.find(k), []).append(k)
+        ordered = sorted(members.values(), key=lambda ks: where[ks[0]][0][0])
+    else:  # no views: every object is a parameter, already in the order of first positions
+        ordered = [[k] for k in range(len(objects))]
 
     slots: list[Slot | None] = [None] * len(leaves)
     params: list[Param] = []
-    for group in sorted(members.values(), key=lambda ks: where[ks[0]][0][0]):
+    for group in ordered:
         # The base orientation: the array that owns the memory, else a C-contiguous one.
         root = group[0] if len(group) == 1 else min(group, key=lambda k: _root_rank(objects[k]))
         base = objects[root]
