@@ -1,5 +1,7 @@
 """``update``, ``update_`` and ``retie``: the step, gradient conventions, purity and jit."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,3 +260,19 @@ def test_donated_update_on_a_tied_model():
         np.testing.assert_array_equal(a, b)
     new_state, new = ost.update(new_state, new, random_grads(new), donate=True)
     assert int(new_state.step) == 2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_setup_leaves_the_garbage_collector_as_it_was(enabled):
+    """``setup`` pauses the cyclic collector while it builds; it must come back as it was, also
+    when ``setup`` fails."""
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        ost.setup(ost.Adam(), {"w": np.ones(3)})
+        assert gc.isenabled() is enabled
+        with pytest.raises(TypeError):
+            ost.setup("not a rule", {"w": np.ones(3)})
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
