@@ -1,18 +1,11 @@
-"""What two changes to the package would buy, measured with stand-in rules (not part of optstate).
+"""What keeping a rule's step counters in one array would buy, measured with a stand-in rule
+(not part of optstate).
 
-``python bench/prototypes.py`` measures:
-
-1. **setup without a dispatch per state array** (row d of ``run.py``): ``setup`` with a rule whose
-   ``init`` returns abstract arrays (shape, dtype and sharding; nothing is created), against the
-   real ``Adam`` and ``optax.adam(...).init``. It bounds what a lazy state (created inside the
-   first compiled step) would cost. ``setup`` took another way to the target (a compiled init
-   for large groups of same-shaped parameters, see docs/performance.md); this stays as the bound.
-2. **one counter array per rule** (row c): an Adam that keeps the step counters of all its
-   parameters in one array instead of a 0-d array each, against ``Adam`` (eager ``update``) and
-   optax (jitted): kernels in the compiled step, the step's time, and the largest difference of
-   the results.
-
-Both stand-ins live here only; docs/performance.md says which package changes they stand for.
+``python bench/prototypes.py`` measures an Adam that keeps the step counters of all its
+parameters in one array instead of a 0-d array each (row c of ``run.py``), against ``Adam``
+(eager ``update``) and optax (jitted): kernels in the compiled step, the time to compile it, the
+step's time, and the largest difference of the results. docs/performance.md says what it found:
+the step is faster, the compilation much slower, and the package keeps a counter per parameter.
 """
 
 from __future__ import annotations
@@ -33,15 +26,6 @@ import optstate as ost
 from optstate.rules.adam import AdamState
 
 LR = 1e-3
-
-
-@dataclass(frozen=True)
-class AbstractAdam(ost.Adam):
-    """``Adam`` whose ``init`` only describes the state: what a lazy ``setup`` would record."""
-
-    def init(self, param: Any) -> AdamState:
-        like = jax.ShapeDtypeStruct(param.shape, param.dtype, sharding=param.sharding)
-        return AdamState(like, like, np.zeros((), np.int32))
 
 
 @dataclass(frozen=True)
@@ -84,21 +68,6 @@ def median_ms(call: Callable[[], Any], repeats: int, warmup: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def lazy_setup(leaves: int) -> None:
-    model = {f"p{i:05d}": jnp.full((16,), i, jnp.float32) for i in range(leaves)}
-    opt = optax.adam(LR)
-    figures = {
-        "setup, Adam": median_ms(lambda: ost.setup(ost.Adam(LR), model), 3, 1),
-        "setup, abstract state": median_ms(
-            lambda: jax.tree.leaves(ost.setup(AbstractAdam(LR), model))[:1], 3, 1
-        ),
-        "optax.adam init": median_ms(lambda: opt.init(model), 3, 1),
-    }
-    print(f"1. setup on {leaves:,} leaves of 16:")
-    for name, ms in figures.items():
-        print(f"   {name:24} {ms:9.1f} ms  ({ms / figures['optax.adam init']:.2f} of optax)")
-
-
 def group_counters(leaves: int) -> None:
     rng = np.random.default_rng(0)
     model = {
@@ -125,10 +94,11 @@ def group_counters(leaves: int) -> None:
             strict=True,
         )
     )
-    programs = {  # the compiled programs alone, called without optstate's Python around them
-        name: jax.jit(ost.update).lower(state, model, grads).compile()
-        for name, state in states.items()
-    }
+    programs, compile_s = {}, {}  # the compiled programs alone, without optstate's Python
+    for name, state in states.items():
+        start = time.perf_counter()
+        programs[name] = jax.jit(ost.update).lower(state, model, grads).compile()
+        compile_s[name] = time.perf_counter() - start
     optax_program = optax_step.lower(optax_state, model, grads).compile()
     calls: dict[str, Callable[[], Any]] = {}
     for name, state in states.items():
@@ -144,19 +114,19 @@ def group_counters(leaves: int) -> None:
                 times[name].append(time.perf_counter() - start)
     kernels = {name: f.as_text().count(" fusion(") for name, f in programs.items()}
     kernels["optax"] = optax_program.as_text().count(" fusion(")
-    print(f"2. update on {leaves} leaves of 32x32 (results differ by {diff:.1e} at most):")
-    print(f"   {'':12} {'kernels':>7} {'program':>9} {'eager update':>13}")
+    print(f"update on {leaves} leaves of 32x32 (results differ by {diff:.1e} at most):")
+    print(f"   {'':12} {'kernels':>7} {'compile':>9} {'program':>9} {'eager update':>13}")
     for name in (*states, "optax"):
         program = statistics.median(times[f"{name}, program"]) * 1e3
         eager = times.get(f"{name}, update")
         eager_ms = f"{statistics.median(eager) * 1e3:10.2f} ms" if eager else f"{'-':>13}"
-        print(f"   {name:12} {kernels[name]:7d} {program:6.2f} ms {eager_ms}")
+        built = f"{compile_s[name]:7.2f} s" if name in compile_s else f"{'-':>9}"
+        print(f"   {name:12} {kernels[name]:7d} {built} {program:6.2f} ms {eager_ms}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Measure both prototypes (``--quick``: smaller)."""
+    """Measure the prototype (``--quick``: smaller)."""
     quick = "--quick" in (argv or [])
-    lazy_setup(300 if quick else 10_000)
     group_counters(50 if quick else 500)
 
 
