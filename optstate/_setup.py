@@ -213,20 +213,22 @@ def _init_states(rules: list[Rule], param_rules: tuple[int, ...], bases: list[An
             groups.setdefault((r, base.shape, base.dtype, base.sharding), []).append(k)
         else:
             states[k] = rules[r].init(base)
+    size = _COMPILED_INIT_MIN_GROUP
     for (r, shape, dtype, sharding), members in groups.items():
-        if len(members) >= _COMPILED_INIT_MIN_GROUP:
-            chunk = _COMPILED_INIT_MIN_GROUP
-            for start in range(0, len(members), chunk):  # one dispatch per chunk
-                ks = members[start : start + chunk]
-                init = _compiled_init(rules[r], shape, dtype, sharding, len(ks))
-                if init is None:
-                    break
+        chunks = [members[i : i + size] for i in range(0, len(members), size)]
+        inits = (
+            []
+            if len(members) < size
+            else [_compiled_init(rules[r], shape, dtype, sharding, len(ks)) for ks in chunks]
+        )
+        ready = [init for init in inits if init is not None]
+        if inits and len(ready) == len(inits):  # one dispatch per chunk
+            for ks, init in zip(chunks, ready, strict=True):
                 for k, state in zip(ks, init([bases[k] for k in ks]), strict=True):
                     states[k] = state
-            else:
-                continue
-        for k in members:
-            states[k] = rules[r].init(bases[k])
+        else:
+            for k in members:
+                states[k] = rules[r].init(bases[k])
     return states
 
 
