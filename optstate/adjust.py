@@ -113,10 +113,16 @@ def adjust(state: State, where: Where = None, /, **hyper: Any) -> State:
     touched = sorted({r for k, r in enumerate(param_rules) if selected[k] and r >= 0})
     valid = sorted({name for r in touched for name in _names(hypers[r])})
     unknown = sorted(set(hyper) - set(valid))
-    if unknown:
+    if not touched:
         raise ValueError(
-            f"unknown hyper-parameter(s) {', '.join(unknown)} for "
-            f"{', '.join(plan.rules[r].name() for r in touched)}; valid: {', '.join(valid)}"
+            "the selected parameters have no rule (set up with None), so they have no "
+            "hyper-parameters to adjust"
+        )
+    if unknown:
+        names = ", ".join(plan.rules[r].name() for r in touched)
+        raise ValueError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for {names}; "
+            + (f"valid: {', '.join(valid)}" if valid else f"{names} has no hyper-parameters")
         )
     for r in touched:
         changed = _replace(hypers[r], hyper)

@@ -1,5 +1,7 @@
 """Rules per subtree or by path, freeze / thaw, and adjust."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,5 +185,19 @@ def test_adjust_errors():
         ost.adjust(state, lrate=0.1)
     with pytest.raises(TypeError, match="at least one hyper-parameter"):
         ost.adjust(state)
+    bare = ost.setup(ost.SkipNonFinite(ost.Descent(0.1)), {"w": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"lrr for SkipNonFinite\(Descent\); valid: lr"):
+        ost.adjust(bare, lrr=0.1)
+    ruleless = ost.setup({"w": None, "b": ost.Descent(0.1)}, {"w": jnp.ones(2), "b": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"selected parameters have no rule \(set up with None\)"):
+        ost.adjust(ruleless, "w", lr=0.1)
+
+    @dataclasses.dataclass(frozen=True)
+    class Sign(ost.Rule):  # a rule without hyper-parameters
+        def apply(self, hyper, state, param, grad):
+            return state, jnp.sign(grad)
+
+    with pytest.raises(ValueError, match="lr for Sign; Sign has no hyper-parameters"):
+        ost.adjust(ost.setup(Sign(), {"w": jnp.ones(2)}), lr=0.1)
     with pytest.raises(TypeError, match="must be a number or a schedule"):
         ost.adjust(state, lr="fast")
