@@ -87,6 +87,9 @@ class Adam(Rule):
     ``torch.optim.Adam`` and ``optax.adam`` (whose arithmetic agrees); for complex parameters
     :math:`v` is real, as in optax.
 
+    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
+    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
+
     Reference: Kingma and Ba, *Adam: A Method for Stochastic Optimization* (ICLR 2015),
     https://arxiv.org/abs/1412.6980
     """
@@ -130,6 +133,9 @@ class AdamW(Rule):
     with :math:`\hat m, \hat v` the bias-corrected moments of ``Adam`` and :math:`\lambda` =
     ``weight_decay``; the decay acts on the parameter, not through the moments. Reproduces
     ``torch.optim.AdamW`` (default ``weight_decay=1e-2``) and ``optax.adamw``.
+
+    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
+    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
 
     Reference: Loshchilov and Hutter, *Decoupled Weight Decay Regularization* (ICLR 2019),
     https://arxiv.org/abs/1711.05101

@@ -17,6 +17,9 @@ class Descent(Rule):
 
     with :math:`\eta` = ``lr``. Reproduces ``torch.optim.SGD(lr)`` and ``optax.sgd(lr)``.
 
+    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
+    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
+
     Args:
         lr: the learning rate :math:`\eta`.
     """
@@ -58,6 +61,9 @@ class Momentum(Rule):
     ``optax.sgd(lr, momentum)``, which this rule reproduces. With a constant learning rate it equals
     Optimisers.jl's form ``v = mu v + lr g; p -= v``.
 
+    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
+    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
+
     Reference: Polyak, *Some methods of speeding up the convergence of iteration methods* (1964).
     """
 
@@ -94,6 +100,9 @@ class Nesterov(Rule):
     with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` and :math:`b` starting at zero.
     Reproduces ``torch.optim.SGD(lr, momentum, nesterov=True)`` and
     ``optax.sgd(lr, momentum, nesterov=True)``.
+
+    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
+    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
 
     Reference: Sutskever et al., *On the importance of initialization and momentum in deep
     learning* (ICML 2013), after Nesterov (1983).
