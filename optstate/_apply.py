@@ -52,9 +52,9 @@ def step(
     ``states`` and ``bases`` hold the active parameters' rule states and arrays (in the order of
     ``active_params``); ``grads`` the gradients of the positions that carry one, in position order.
     """
-    active, sums = _summed(plan, layout, bases, grads)
+    index, sums = _summed(plan, layout, bases, grads)
     new_states, new_bases = list(states), list(bases)
-    for r, members in _groups(plan, active):
+    for r, members in _groups(plan, index):
         _pure(
             plan.rules[r],
             _evaluate(hyper[r], count),
@@ -81,10 +81,10 @@ def step_in_place(
     arrays (``Rule.in_place``) writes its new states and parameters into the arrays they have,
     which it returns (the same objects). The other groups are computed first, as ``step`` does,
     so that a failure there leaves every array as it was."""
-    active, sums = _summed(plan, layout, bases, grads)
+    index, sums = _summed(plan, layout, bases, grads)
     new_states, new_bases = list(states), list(bases)
     writers = []
-    for r, members in _groups(plan, active):
+    for r, members in _groups(plan, index):
         rule, rule_hyper = plan.rules[r], _evaluate(hyper[r], count)
         args = (
             [states[i] for i in members],
@@ -102,8 +102,9 @@ def step_in_place(
 
 def _summed(
     plan: Plan, layout: Layout, bases: list[Any], grads: list[Any]
-) -> tuple[tuple[int, ...], list[Any]]:
-    """The active parameters, and each one's gradients summed in its own orientation."""
+) -> tuple[dict[int, int], list[Any]]:
+    """Each active parameter's place among the active ones, and its gradients summed in its own
+    orientation."""
     active = active_params(plan, layout)
     index = {k: i for i, k in enumerate(active)}
     sums: list[Any] = [None] * len(active)
@@ -114,12 +115,11 @@ def _summed(
         i = index[plan.slots[pos].param]  # type: ignore[union-attr]
         g = _arrays.permute(_arrays.coerce(next(given), bases[i]), _arrays.inverse(orient))
         sums[i] = g if sums[i] is None else _arrays.as_array(sums[i] + g, g)  # 0-d stays an array
-    return active, sums
+    return index, sums
 
 
-def _groups(plan: Plan, active: tuple[int, ...]) -> list[tuple[int, list[int]]]:
-    """Each rule with active parameters, and their indices in ``active``."""
-    index = {k: i for i, k in enumerate(active)}
+def _groups(plan: Plan, index: dict[int, int]) -> list[tuple[int, list[int]]]:
+    """Each rule with active parameters, and their places among the active ones (``index``)."""
     out = []
     for r, group in enumerate(plan.groups):
         members = [index[k] for k in group if k in index]

@@ -42,7 +42,7 @@ def fits(states: Sequence[Any], params: Arrays, grads: Arrays) -> bool:
             return False
         if _dtype(p) not in _FLOATS or g.dtype != p.dtype:
             return False
-        for x in _leaves(state):
+        for x in jax.tree_util.tree_leaves(state):
             if not (same(x) and _arrays.writable(x)):
                 return False
             if "int" not in _dtype(x) and x.dtype != p.dtype:  # a moment, not a count
@@ -52,10 +52,6 @@ def fits(states: Sequence[Any], params: Arrays, grads: Arrays) -> bool:
 
 def _dtype(x: Any) -> str:
     return str(x.dtype).removeprefix("torch.")
-
-
-def _leaves(state: Any) -> list[Any]:
-    return jax.tree_util.tree_leaves(state)
 
 
 def _torch(xs: Arrays) -> Any:
