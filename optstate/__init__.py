@@ -7,6 +7,7 @@ its positions, applies the rule once, and puts the one new array back everywhere
 
 from . import implicit as implicit
 from . import schedules as schedules
+from ._setup import GroupSplitWarning as GroupSplitWarning
 from ._setup import setup as setup
 from ._state import Plan as Plan
 from ._state import State as State
@@ -17,6 +18,7 @@ from ._update import update_ as update_
 from ._walk import StructureError as StructureError
 from .adjust import adjust as adjust
 from .adjust import freeze as freeze
+from .adjust import hyperparams as hyperparams
 from .adjust import thaw as thaw
 from .checkpoint import load as load
 from .checkpoint import save as save

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _arrays
 from ._state import Plan
+from .rules._base import increment
 from .schedules import Schedule
 
 # ``layout[pos]`` for a position without a gradient to use (none given, not a parameter, or its
@@ -42,62 +43,77 @@ def step(
     plan: Plan,
     layout: Layout,
     hyper: tuple[Any, ...],
+    clocks: tuple[Any, ...],
     states: list[Any],
     count: Any,
     bases: list[Any],
     grads: list[Any],
-) -> tuple[list[Any], list[Any], Any]:
-    """``(new_states, new_bases, count + 1)`` for the active parameters.
+) -> tuple[list[Any], list[Any], tuple[Any, ...], Any]:
+    """``(new_states, new_bases, new_clocks, count + 1)`` for the active parameters.
 
     ``states`` and ``bases`` hold the active parameters' rule states and arrays (in the order of
     ``active_params``); ``grads`` the gradients of the positions that carry one, in position order.
+    Each group's schedules are evaluated at its clocks, which then advance by the steps taken.
     """
     index, sums = _summed(plan, layout, bases, grads)
-    new_states, new_bases = list(states), list(bases)
-    for r, members in _groups(plan, index):
-        _pure(
-            plan.rules[r],
-            _evaluate(hyper[r], count),
-            members,
-            states,
-            bases,
-            sums,
-            new_states,
-            new_bases,
-        )
-    return new_states, new_bases, _arrays.as_array(count + 1, count)
+    new_states, new_bases, new_clocks = list(states), list(bases), list(clocks)
+    for r, ks, members in _groups(plan, index):
+        rule = plan.rules[r]
+        hypers = _hypers(plan, hyper[r], clocks[r], ks)
+        _pure(rule, hypers, members, states, bases, sums, new_states, new_bases)
+        before, after = [states[i] for i in members], [new_states[i] for i in members]
+        new_clocks[r] = rule.tick(clocks[r], before, after)
+    return new_states, new_bases, tuple(new_clocks), increment(count)
 
 
 def step_in_place(
     plan: Plan,
     layout: Layout,
     hyper: tuple[Any, ...],
+    clocks: tuple[Any, ...],
     states: list[Any],
     count: Any,
     bases: list[Any],
     grads: list[Any],
-) -> tuple[list[Any], list[Any], Any]:
+) -> tuple[list[Any], list[Any], tuple[Any, ...], Any]:
     """``step`` for ``update_`` on mutable arrays: a rule with an in-place form that fits the
     arrays (``Rule.in_place``) writes its new states and parameters into the arrays they have,
     which it returns (the same objects). The other groups are computed first, as ``step`` does,
     so that a failure there leaves every array as it was."""
     index, sums = _summed(plan, layout, bases, grads)
-    new_states, new_bases = list(states), list(bases)
+    new_states, new_bases, new_clocks = list(states), list(bases), list(clocks)
     writers = []
-    for r, members in _groups(plan, index):
-        rule, rule_hyper = plan.rules[r], _evaluate(hyper[r], count)
+    for r, ks, members in _groups(plan, index):
+        rule = plan.rules[r]
+        hypers = _hypers(plan, hyper[r], clocks[r], ks)
         args = (
             [states[i] for i in members],
             [bases[i] for i in members],
             [sums[i] for i in members],
         )
         if rule.in_place(*args):
-            writers.append((rule, rule_hyper, args))
+            # The in-place forms belong to rules that step every parameter alike: one call per
+            # variant of hyper-parameters. Their clocks do not depend on the states.
+            for variant in sorted({plan.param_variants[k] for k in ks}):
+                chosen = [j for j, k in enumerate(ks) if plan.param_variants[k] == variant]
+                writers.append(
+                    (rule, hypers[chosen[0]], tuple([xs[j] for j in chosen] for xs in args))
+                )
+            new_clocks[r] = rule.tick(clocks[r], args[0], args[0])
         else:
-            _pure(rule, rule_hyper, members, states, bases, sums, new_states, new_bases)
-    for rule, rule_hyper, args in writers:
-        rule.update_all_(rule_hyper, *args)
-    return new_states, new_bases, _arrays.as_array(count + 1, count)
+            _pure(rule, hypers, members, states, bases, sums, new_states, new_bases)
+            before, after = args[0], [new_states[i] for i in members]
+            new_clocks[r] = rule.tick(clocks[r], before, after)
+    for rule, rule_hyper, group_args in writers:
+        rule.update_all_(rule_hyper, *group_args)
+    return new_states, new_bases, tuple(new_clocks), increment(count)
+
+
+def _hypers(plan: Plan, variants: tuple[Any, ...], clock: Any, ks: list[int]) -> list[Any]:
+    """The hyper-parameters of each parameter ``ks`` of one group at this step: its variant, with
+    every schedule evaluated at the group's clock (each variant evaluated once)."""
+    evaluated = [evaluate(v, clock) for v in variants]
+    return [evaluated[plan.param_variants[k]] for k in ks]
 
 
 def _summed(
@@ -118,19 +134,20 @@ def _summed(
     return index, sums
 
 
-def _groups(plan: Plan, index: dict[int, int]) -> list[tuple[int, list[int]]]:
-    """Each rule with active parameters, and their places among the active ones (``index``)."""
+def _groups(plan: Plan, index: dict[int, int]) -> list[tuple[int, list[int], list[int]]]:
+    """Each rule group with active parameters: the group, those parameters, and their places
+    among the active ones (``index``)."""
     out = []
     for r, group in enumerate(plan.groups):
-        members = [index[k] for k in group if k in index]
-        if members:
-            out.append((r, members))
+        ks = [k for k in group if k in index]
+        if ks:
+            out.append((r, ks, [index[k] for k in ks]))
     return out
 
 
 def _pure(
     rule: Any,
-    hyper: Any,
+    hypers: list[Any],
     members: list[int],
     states: list[Any],
     bases: list[Any],
@@ -141,7 +158,7 @@ def _pure(
     """One rule's ``update_all`` on its members, its results put into ``new_states`` and
     ``new_bases``."""
     rule_states, news = rule.update_all(
-        hyper,
+        hypers,
         [states[i] for i in members],
         [bases[i] for i in members],
         [sums[i] for i in members],
@@ -156,13 +173,16 @@ def _pure(
 compiled_step = jax.jit(step, static_argnums=(0, 1))
 # The same, giving the stepped parameters' arrays and rule states to XLA to reuse: each unique
 # parameter is passed once, so a tied weight's one buffer is donated once.
-donating_step = jax.jit(step, static_argnums=(0, 1), donate_argnums=(3, 4, 5))
+donating_step = jax.jit(step, static_argnums=(0, 1), donate_argnums=(4, 5, 6))
 
 
-def _evaluate(hyper: Any, count: Any) -> Any:
-    """The hyper-parameters at this step: every schedule evaluated at the step count."""
+def evaluate(hyper: Any, clock: Any) -> Any:
+    """A rule's hyper-parameters at a step: every schedule evaluated at its clock. ``clock`` has
+    the shape of ``Rule.clocks()``: one count for a rule, a tuple for a chain's members."""
+    if isinstance(clock, tuple):
+        return tuple(evaluate(h, c) for h, c in zip(hyper, clock, strict=True))
     return jax.tree_util.tree_map(
-        lambda h: h(count) if isinstance(h, Schedule) else h,
+        lambda h: h(clock) if isinstance(h, Schedule) else h,
         hyper,
         is_leaf=lambda h: isinstance(h, Schedule),
     )

@@ -103,6 +103,15 @@ def hyper_array(value: float, like: Any) -> Any:
     return np.asarray(value, dtype=np.float64)
 
 
+def count_array(value: int, like: Any) -> Any:
+    """A 0-d int32 array holding a step count of a schedule, in the namespace of ``like``."""
+    if like is not None and is_jax(like):
+        return jnp.asarray(value, dtype=jnp.int32)
+    if is_torch(like):
+        return sys.modules["torch"].tensor(value, dtype=sys.modules["torch"].int32)
+    return np.asarray(value, dtype=np.int32)
+
+
 def counter(like: Any) -> Any:
     """A 0-d int32 zero in the namespace of the model's arrays: the state's step count."""
     if like is not None and is_jax(like):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from ._state import Plan, State
 from ._ties import Param, TieError, find_ties
 from ._walk import Key, StructureError, flatten, path_strings, position_keys, unwrap
 from .rules._base import Rule
+from .schedules import Schedule
 
 RuleSpec = Rule | Callable[[tuple[Key, ...]], Rule | None] | Any  # or a tree prefix of rules
 
@@ -89,17 +91,106 @@ def _setup(rule: RuleSpec, model: Any) -> State:
     leaves, treedef = flatten(model)
     slots, params = find_ties(leaves, lambda: path_strings(model))
     per_position = _rules_per_position(rule, model, [s is not None for s in slots])
-    rules, param_rules = _assign(per_position, params, lambda: path_strings(model))
+    per_param = _assign(per_position, params, lambda: path_strings(model))
+    groups, param_rules, param_variants = _grouped(per_param)
+    _warn_split(groups, param_rules, params, lambda: path_strings(model))
 
     bases = [_arrays.detached(unwrap(leaves[p.primary])[0]) for p in params]
     _check_computable(bases, params, lambda: path_strings(model))
     like = bases[0] if bases else None
-    hyper = [
-        jax.tree_util.tree_map(lambda v: _arrays.hyper_array(v, like), r.hyper()) for r in rules
+    hyper = [tuple(hyper_arrays(v.hyper(), like) for v in variants) for variants in groups]
+    clocks = [
+        jax.tree_util.tree_map(lambda _: _arrays.counter(like), variants[0].clocks())
+        for variants in groups
     ]
-    states = _init_states(rules, param_rules, bases)
-    plan = Plan(treedef, slots, params, tuple(r.structure() for r in rules), param_rules)
-    return State(states, hyper, _arrays.counter(like), plan)
+    states = _init_states(per_param, param_rules, bases)
+    structures = tuple(variants[0].structure() for variants in groups)
+    plan = Plan(treedef, slots, params, structures, param_rules, None, param_variants)
+    return State(states, hyper, clocks, _arrays.counter(like), plan)
+
+
+def hyper_arrays(tree: Any, like: Any) -> Any:
+    """A rule's hyper-parameters as 0-d arrays in the namespace of ``like`` (the model's arrays):
+    numbers as floats, and the step counts of schedules as int32, so that schedules count exactly
+    (see ``optstate.schedules``)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Schedule):
+            return value.map_numbers(
+                lambda v: _arrays.hyper_array(v, like), lambda v: _arrays.count_array(v, like)
+            )
+        return _arrays.hyper_array(value, like)
+
+    return jax.tree_util.tree_map(convert, tree, is_leaf=lambda v: isinstance(v, Schedule))
+
+
+def _grouped(
+    per_param: list[Rule | None],
+) -> tuple[list[list[Rule]], tuple[int, ...], tuple[int, ...]]:
+    """The rule groups (each a list of variants: the distinct rules of its parameters), and per
+    parameter its group and variant (-1 for an untrained parameter)."""
+    keys: dict[Any, int] = {}
+    groups: list[list[Rule]] = []
+    param_rules, param_variants = [], []
+    for rule in per_param:
+        if rule is None:
+            param_rules.append(-1)
+            param_variants.append(-1)
+            continue
+        r = keys.setdefault(rule.group_key(), len(groups))
+        if r == len(groups):
+            groups.append([])
+        variants = groups[r]
+        v = next((i for i, known in enumerate(variants) if _same(known, rule)), len(variants))
+        if v == len(variants):
+            variants.append(rule)
+        param_rules.append(r)
+        param_variants.append(v)
+    return groups, tuple(param_rules), tuple(param_variants)
+
+
+def _same(a: Rule, b: Rule) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except (TypeError, ValueError):  # a rule holding arrays: compared by identity
+        return False
+
+
+def _warn_split(
+    groups: list[list[Rule]],
+    param_rules: tuple[int, ...],
+    params: tuple[Param, ...],
+    paths: Callable[[], list[str]],
+) -> None:
+    """A ``GroupSplitWarning`` when rules that look across parameters run in several groups."""
+    across = [r for r, variants in enumerate(groups) if variants[0].looks_across()]
+    if len(across) < 2:
+        return
+    names = paths()
+    lines = []
+    for r in across:
+        members = [k for k, g in enumerate(param_rules) if g == r]
+        example = names[params[members[0]].primary]
+        lines.append(f"{groups[r][0].name()} over {len(members)} parameter(s) ({example}, ...)")
+    warnings.warn(
+        GroupSplitWarning(
+            "rules that look across parameters run once per group of parameters with one rule "
+            f"structure, and this setup makes {len(across)} such groups: "
+            + "; ".join(lines)
+            + ". Each group computes its own global norm or finiteness test. For one over all "
+            "parameters, give them rules of the same structure that differ only in "
+            "hyper-parameter values (e.g. a function of the path returning "
+            "OptimiserChain(ClipGlobalNorm(c), AdamW(lr, weight_decay=...)) for every path); "
+            "if separate groups are what you want, silence this warning with "
+            "warnings.simplefilter('ignore', optstate.GroupSplitWarning)"
+        ),
+        stacklevel=4,
+    )
+
+
+class GroupSplitWarning(UserWarning):
+    """Rules that look across parameters (``ClipGlobalNorm``, ``SkipNonFinite``, ``from_optax``)
+    were set up in several groups of parameters, each of which then looks only at itself."""
 
 
 def _check_computable(
@@ -168,11 +259,9 @@ def _rules_per_position(spec: Any, model: Any, trainable: list[bool]) -> list[Ru
 
 def _assign(
     per_position: list[Rule | None], params: tuple[Param, ...], paths: Callable[[], list[str]]
-) -> tuple[list[Rule], tuple[int, ...]]:
-    """The distinct rules, and each parameter's index into them (-1: untrained)."""
-    rules: list[Rule] = []
-    index: dict[Rule, int] = {}
-    param_rules = []
+) -> list[Rule | None]:
+    """Each parameter's rule (``None``: untrained); one parameter's positions must agree."""
+    out: list[Rule | None] = []
     for param in params:
         first = param.positions[0]
         rule = per_position[first]
@@ -183,14 +272,8 @@ def _assign(
                     f"{names[first]} and {names[pos]} hold one parameter but were given "
                     f"different rules: {rule!r} and {per_position[pos]!r}"
                 )
-        if rule is None:
-            param_rules.append(-1)
-            continue
-        if rule not in index:
-            index[rule] = len(rules)
-            rules.append(rule)
-        param_rules.append(index[rule])
-    return rules, tuple(param_rules)
+        out.append(rule)
+    return out
 
 
 # Creating a state array eagerly costs one dispatch per array (about 0.1 ms here); a compiled
@@ -201,25 +284,30 @@ def _assign(
 _COMPILED_INIT_MIN_GROUP = 64
 
 
-def _init_states(rules: list[Rule], param_rules: tuple[int, ...], bases: list[Any]) -> list[Any]:
+def _init_states(
+    per_param: list[Rule | None], param_rules: tuple[int, ...], bases: list[Any]
+) -> list[Any]:
     """Each parameter's initial rule state (``()`` for an untrained one)."""
     states: list[Any] = [()] * len(bases)
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for k, (r, base) in enumerate(zip(param_rules, bases, strict=True)):
-        if r < 0:
+    for k, (rule, base) in enumerate(zip(per_param, bases, strict=True)):
+        if rule is None:
             continue
         # NumPy has no dispatch to save, and tracers (``setup`` inside ``jit``) no compiled init.
         if _arrays.is_jax(base) and not _arrays.is_tracer(base):
-            groups.setdefault((r, base.shape, base.dtype, base.sharding), []).append(k)
+            key = (param_rules[k], base.shape, base.dtype, base.sharding)
+            groups.setdefault(key, []).append(k)
         else:
-            states[k] = rules[r].init(base)
+            states[k] = rule.init(base)
     size = _COMPILED_INIT_MIN_GROUP
-    for (r, shape, dtype, sharding), members in groups.items():
+    for (_, shape, dtype, sharding), members in groups.items():
+        rule = per_param[members[0]]
+        assert rule is not None
         chunks = [members[i : i + size] for i in range(0, len(members), size)]
         inits = (
             []
             if len(members) < size
-            else [_compiled_init(rules[r], shape, dtype, sharding, len(ks)) for ks in chunks]
+            else [_compiled_init(rule, shape, dtype, sharding, len(ks)) for ks in chunks]
         )
         ready = [init for init in inits if init is not None]
         if inits and len(ready) == len(inits):  # one dispatch per chunk
@@ -228,7 +316,7 @@ def _init_states(rules: list[Rule], param_rules: tuple[int, ...], bases: list[An
                     states[k] = state
         else:
             for k in members:
-                states[k] = rules[r].init(bases[k])
+                states[k] = rule.init(bases[k])
     return states
 
 

@@ -1,10 +1,16 @@
 """The optimiser state: one rule state per unique parameter, the hyper-parameters as arrays, and
 the tie plan as static structure.
 
-``State`` is a pytree. Its leaves are arrays (the rules' moments and counters, and the
-hyper-parameters), so it goes through ``jax.jit`` and can be donated or sharded; its static part
-is the ``Plan``: the model's structure, which positions share which parameter, and the structure of
-each rule. Two states with equal plans and same-shaped arrays reuse one compiled step.
+``State`` is a pytree. Its leaves are arrays (the rules' moments and counters, the
+hyper-parameters and the schedules' clocks), so it goes through ``jax.jit`` and can be donated or
+sharded; its static part is the ``Plan``: the model's structure, which positions share which
+parameter, and the structure of each rule group. Two states with equal plans and same-shaped
+arrays reuse one compiled step.
+
+Parameters are trained in *groups*: the parameters whose rules have one structure (and, where a
+member looks across parameters, the same values for it) are one group and step together, so a
+``ClipGlobalNorm`` in their rule sees all of them. Within a group the other hyper-parameters may
+differ: each parameter uses one of the group's *variants* (a set of hyper-parameter values).
 """
 
 from __future__ import annotations
@@ -24,7 +30,17 @@ class Plan:
     Hashable and compared by value, so a jitted ``update`` compiles once per plan.
     """
 
-    __slots__ = ("_hash", "frozen", "groups", "param_rules", "params", "rules", "slots", "treedef")
+    __slots__ = (
+        "_hash",
+        "frozen",
+        "groups",
+        "param_rules",
+        "param_variants",
+        "params",
+        "rules",
+        "slots",
+        "treedef",
+    )
 
     def __init__(
         self,
@@ -34,20 +50,35 @@ class Plan:
         rules: tuple[Rule, ...],
         param_rules: tuple[int, ...],
         frozen: tuple[bool, ...] | None = None,
+        param_variants: tuple[int, ...] | None = None,
     ) -> None:
         self.treedef = treedef
         self.slots = slots
         self.params = params
-        self.rules = rules  # with their hyper-parameters taken out: those live in the state
-        self.param_rules = param_rules  # per parameter: index into ``rules``; -1 for no rule
+        self.rules = rules  # per group, with its hyper-parameters taken out: those are state
+        self.param_rules = param_rules  # per parameter: its group (index into ``rules``); -1: none
         self.frozen = frozen if frozen is not None else (False,) * len(params)
-        self.groups = tuple(  # per rule: its parameters
+        # per parameter: which of its group's variants of hyper-parameters it uses
+        self.param_variants = (
+            param_variants
+            if param_variants is not None
+            else tuple(0 if r >= 0 else -1 for r in param_rules)
+        )
+        self.groups = tuple(  # per group: its parameters
             tuple(k for k, r in enumerate(param_rules) if r == i) for i in range(len(rules))
         )
         self._hash = hash(self._key())
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.treedef, self.slots, self.params, self.rules, self.param_rules, self.frozen)
+        return (
+            self.treedef,
+            self.slots,
+            self.params,
+            self.rules,
+            self.param_rules,
+            self.frozen,
+            self.param_variants,
+        )
 
     def replace(self, **changes: Any) -> Plan:
         fields = dict(
@@ -57,6 +88,7 @@ class Plan:
             rules=self.rules,
             param_rules=self.param_rules,
             frozen=self.frozen,
+            param_variants=self.param_variants,
         )
         return Plan(**{**fields, **changes})
 
@@ -80,17 +112,29 @@ class State:
 
     Attributes:
         states: one rule state per unique parameter, in the order of their first positions.
-        hyper: the hyper-parameters of each rule, as 0-d arrays and schedules of them (changing
-            them with ``adjust`` does not recompile).
-        step: how many times ``update`` has run (the clock of schedules), a 0-d int32 array.
+        hyper: per rule group, its variants of hyper-parameters (a tuple; one per distinct set of
+            values among the group's parameters), each a tree of 0-d arrays and schedules of them
+            (changing them with ``adjust`` does not recompile). ``optstate.hyperparams`` reads
+            them as numbers, schedules evaluated.
+        clocks: per rule group, the clock of its schedules: how many steps the rule has taken (a
+            0-d int32 array, or a tuple of them for a chain, one per member).
+        step: how many times ``update`` has run, a 0-d int32 array (saturating at ``2**31 - 1``).
         plan: the static tie plan (see ``Plan``).
     """
 
-    __slots__ = ("_verified", "hyper", "plan", "states", "step")
+    __slots__ = ("_verified", "clocks", "hyper", "plan", "states", "step")
 
-    def __init__(self, states: Sequence[Any], hyper: Sequence[Any], step: Any, plan: Plan) -> None:
+    def __init__(
+        self,
+        states: Sequence[Any],
+        hyper: Sequence[Any],
+        clocks: Sequence[Any],
+        step: Any,
+        plan: Plan,
+    ) -> None:
         self.states = tuple(states)
         self.hyper = tuple(hyper)
+        self.clocks = tuple(clocks)
         self.step = step
         self.plan = plan
         # Weak references to the leaves of the model that ``update`` returned with this state,
@@ -103,17 +147,24 @@ class State:
         children = (
             (key("states"), self.states),
             (key("hyper"), self.hyper),
+            (key("clocks"), self.clocks),
             (key("step"), self.step),
         )
         return children, self.plan
 
     @classmethod
     def tree_unflatten(cls, plan: Plan, children: Any) -> State:
-        states, hyper, step = children
-        return cls(states, hyper, step, plan)
+        states, hyper, clocks, step = children
+        return cls(states, hyper, clocks, step, plan)
 
     def replace(self, **changes: Any) -> State:
-        fields = dict(states=self.states, hyper=self.hyper, step=self.step, plan=self.plan)
+        fields = dict(
+            states=self.states,
+            hyper=self.hyper,
+            clocks=self.clocks,
+            step=self.step,
+            plan=self.plan,
+        )
         return State(**{**fields, **changes})
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ from . import _apply, _arrays
 from ._state import Plan, State
 from ._ties import Slot, TieError, _overlapping_pairs, orientation
 from ._walk import StructureError, flatten, gather, path_string, path_strings, unwrap, wrap
+from .rules._base import increment
 from .transpose import Transpose
 
 
@@ -147,13 +148,15 @@ def _step(
     active = _apply.active_params(plan, layout)
     new_bases = list(bases)
     new_states = list(state.states)
+    new_clocks = state.clocks
     compiled = False
     if not active:
-        count = _arrays.as_array(state.step + 1, state.step)
+        count = increment(state.step)
     else:
         compiled = all(_arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]) for k in active)
         run = _apply.step_in_place if in_place and not compiled else _apply.step
         step_count = state.step
+        clocks = state.clocks
         active_states = [state.states[k] for k in active]
         active_bases = [bases[k] for k in active]
         if compiled:
@@ -163,23 +166,33 @@ def _step(
             # without a device beside committed parameters, or the other way round) are made so,
             # or the second step would compile again.
             if not verified:
-                inputs = [*active_bases, *jax.tree_util.tree_leaves(active_states), step_count]
+                inputs = [
+                    *active_bases,
+                    *jax.tree_util.tree_leaves(active_states),
+                    *jax.tree_util.tree_leaves(clocks),
+                    step_count,
+                ]
                 committed = any(getattr(x, "committed", False) for x in [*inputs, *given])
                 if any(_arrays.unsettled(x, committed) for x in inputs):
                     active_states = [
                         jax.tree_util.tree_map(lambda x, b=b: _arrays.settled(x, b, committed), s)
                         for s, b in zip(active_states, active_bases, strict=True)
                     ]
-                    step_count = _arrays.settled(step_count, active_bases[0], committed)
+                    first = active_bases[0]
+                    step_count = _arrays.settled(step_count, first, committed)
+                    clocks = jax.tree_util.tree_map(
+                        lambda x: _arrays.settled(x, first, committed), clocks
+                    )
                     active_bases = [_arrays.settled(b, b, committed) for b in active_bases]
         try:
             # Non-finite numbers flow through a step as they do in JAX and PyTorch, silently
             # (``SkipNonFinite`` discards such steps): NumPy is not to warn about them either.
             with np.errstate(all="ignore"), _arrays.no_grad(active_bases):
-                stepped_states, stepped, count = run(
+                stepped_states, stepped, new_clocks, count = run(
                     plan,
                     layout,
                     state.hyper,
+                    clocks,
                     active_states,
                     step_count,
                     active_bases,
@@ -200,7 +213,7 @@ def _step(
         else:
             changed[k] = True
     new_leaves = _place(plan, leaves, new_bases, changed)
-    new_state = State(new_states, state.hyper, count, plan)
+    new_state = State(new_states, state.hyper, new_clocks, count, plan)
     if compiled and len(active) == _apply.n_trained(plan):  # every array came out of the step
         new_state._verified = _references(new_leaves)
     return new_state, treedef.unflatten(new_leaves)
@@ -354,10 +367,16 @@ def _check_state(plan: Plan, state: State, bases: list[Any], model: Any, err: Ex
         return repr(shapes).replace("'", "")
 
     for r, rule in enumerate(plan.rules):
-        if r < len(state.hyper) and not fits(rule.hyper(), state.hyper[r]):
+        variants = state.hyper[r] if r < len(state.hyper) else None
+        wrong = (
+            [variants]
+            if not isinstance(variants, tuple)
+            else [v for v in variants if not fits(rule.hyper(), v)]
+        )
+        if wrong:
             raise StructureError(
                 f"the state's hyper-parameters for its rule {rule.name()} are "
-                f"{layout(state.hyper[r])}, which are not {rule.name()}'s; were they taken from "
+                f"{layout(wrong[0])}, which are not {rule.name()}'s; were they taken from "
                 "a state set up with another rule? A state carries its rule: call setup to "
                 "change rules"
             ) from err

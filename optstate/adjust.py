@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from . import _arrays
+from ._apply import evaluate
 from ._state import Plan, State
 from ._update import _plan
 from ._walk import Key, position_keys, skeleton
@@ -89,35 +90,38 @@ def adjust(state: State, where: Where = None, /, **hyper: Any) -> State:
 
     ``adjust(state, lr=1e-4)`` changes ``lr`` wherever a rule of the state has it;
     ``adjust(state, "decoder", lr=1e-4)`` only for the parameters ``where`` selects (see
-    ``freeze``). A value may be a number or a schedule. New numbers go into the state's existing
-    hyper-parameter arrays, so a jitted ``update`` does not recompile; giving a subset of a rule's
-    parameters their own values splits that rule in two (one recompilation).
+    ``freeze``). A value may be a number, a 0-d array or a schedule; it is checked as the rule
+    checks it when it is made (``lr`` may not be negative, ...). New numbers go into the state's
+    existing hyper-parameter arrays, so a jitted ``update`` does not recompile; giving a subset
+    of a rule group's parameters their own values gives them a variant of the group's
+    hyper-parameters (one recompilation), and they keep stepping with the group: a
+    ``ClipGlobalNorm`` or ``SkipNonFinite`` in the rule still sees all of its parameters.
 
     Example:
         >>> import numpy as np, optstate as ost
         >>> state = ost.setup(ost.Adam(1e-3), {"w": np.ones(3)})
-        >>> float(ost.adjust(state, lr=1e-4).hyper[0]["lr"])
+        >>> ost.hyperparams(ost.adjust(state, lr=1e-4))["w"]["lr"]
         0.0001
 
     Raises:
-        ValueError: a name that no selected rule has (the message lists the valid ones), or a
-            ``where`` that selects nothing.
+        ValueError: a name that no selected rule has (the message lists the valid ones), a
+            value out of the rule's range, a ``where`` that selects nothing, or a
+            hyper-parameter of a rule that looks across parameters (``ClipGlobalNorm``'s
+            ``max_norm``) given to a subset of its group: it is one value for all of them.
+        TypeError: a value that is not a number, a 0-d real array or a schedule.
     """
     if not hyper:
         raise TypeError("adjust needs at least one hyper-parameter, e.g. adjust(state, lr=1e-4)")
     plan = _plan(state)
     selected = _selected(plan, where) if where is not None else [True] * len(plan.params)
-    rules = list(plan.rules)
-    hypers = list(state.hyper)
-    param_rules = list(plan.param_rules)
-    touched = sorted({r for k, r in enumerate(param_rules) if selected[k] and r >= 0})
-    valid = sorted({name for r in touched for name in _names(hypers[r])})
-    unknown = sorted(set(hyper) - set(valid))
+    touched = sorted({r for k, r in enumerate(plan.param_rules) if selected[k] and r >= 0})
     if not touched:
         raise ValueError(
             "the selected parameters have no rule (set up with None), so they have no "
             "hyper-parameters to adjust"
         )
+    valid = sorted({name for r in touched for v in state.hyper[r] for name in _names(v)})
+    unknown = sorted(set(hyper) - set(valid))
     if unknown:
         names = ", ".join(plan.rules[r].name() for r in touched)
         raise ValueError(
@@ -125,17 +129,103 @@ def adjust(state: State, where: Where = None, /, **hyper: Any) -> State:
             + (f"valid: {', '.join(valid)}" if valid else f"{names} has no hyper-parameters")
         )
     for r in touched:
-        changed = _replace(hypers[r], hyper)
-        members = [k for k in plan.groups[r] if selected[k]]
-        if len(members) == len(plan.groups[r]):
-            hypers[r] = changed
-        else:  # only some of this rule's parameters: they get a rule of their own
-            rules.append(rules[r])
-            hypers.append(changed)
-            for k in members:
-                param_rules[k] = len(rules) - 1
-    new_plan = plan.replace(rules=tuple(rules), param_rules=tuple(param_rules))
+        for name, value in hyper.items():
+            plan.rules[r].check_hyper(name, value)
+    hypers = list(state.hyper)
+    variants = list(plan.param_variants)
+    for r in touched:
+        group = plan.groups[r]
+        members = [k for k in group if selected[k]]
+        shared = sorted(plan.rules[r].shared() & set(hyper))
+        if shared and len(members) < len(group):
+            raise ValueError(
+                f"{', '.join(shared)} of {plan.rules[r].name()} applies to all "
+                f"{len(group)} parameters of its group together (the rule looks across "
+                f"parameters), but `where` = {where!r} selects {len(members)} of them; adjust "
+                "it for the whole group (without `where`), or set up separate rules"
+            )
+        hypers[r] = _adjusted(hypers[r], variants, group, selected, hyper)
+    new_plan = plan.replace(param_variants=tuple(variants))
     return state.replace(hyper=tuple(hypers), plan=new_plan)
+
+
+def _adjusted(
+    group_variants: tuple[Any, ...],
+    variants: list[int],
+    group: tuple[int, ...],
+    selected: list[bool],
+    values: dict[str, Any],
+) -> tuple[Any, ...]:
+    """A group's variants with ``values`` given to its selected parameters: a variant all of whose
+    parameters are selected is changed; the selected ones of another get a new variant. Variants
+    that no parameter uses any more are dropped (``variants``, per parameter, is updated)."""
+    out = list(group_variants)
+    for v, tree in enumerate(group_variants):
+        users = [k for k in group if variants[k] == v]
+        chosen = [k for k in users if selected[k]]
+        if not chosen:
+            continue
+        changed = _replace(tree, values)
+        if len(chosen) == len(users):
+            out[v] = changed
+        else:
+            out.append(changed)
+            for k in chosen:
+                variants[k] = len(out) - 1
+    used = sorted({variants[k] for k in group})
+    renumber = {old: new for new, old in enumerate(used)}
+    for k in group:
+        variants[k] = renumber[variants[k]]
+    return tuple(out[v] for v in used)
+
+
+def hyperparams(state: State, where: Where = None) -> dict[str, Any]:
+    """The hyper-parameters each trained parameter will use at its next step, as Python numbers.
+
+    Returns a dict from each parameter's path (``"dec/w"``, its first position, in the form
+    ``where`` takes) to its rule's hyper-parameters: a dict by name, or for an
+    ``OptimiserChain`` a tuple with one dict per member. Schedules are evaluated at the number of
+    steps their rule has taken (see docs/rules.md, "Schedules"), which is the value the next
+    ``update`` uses. ``where`` restricts the result to the parameters it selects (see
+    ``freeze``). Frozen parameters are included (with the values they would use when thawed);
+    parameters without a rule are not.
+
+    Example:
+        >>> import numpy as np, optstate as ost
+        >>> lr = ost.schedules.linear(1.0, 0.0, 4)
+        >>> model = {"w": np.ones(2), "b": np.zeros(2)}
+        >>> state = ost.setup(lambda path: ost.Descent(lr if path[-1] == "w" else 0.5), model)
+        >>> state, model = ost.update(state, model, {"w": np.ones(2), "b": np.ones(2)})
+        >>> ost.hyperparams(state)
+        {'b': {'lr': 0.5}, 'w': {'lr': 0.75}}
+
+    Raises:
+        TypeError: ``state`` is not a ``State``.
+        ValueError: a ``where`` that selects nothing.
+    """
+    plan = _plan(state)
+    selected = _selected(plan, where) if where is not None else [True] * len(plan.params)
+    keys = position_keys(skeleton(plan.treedef))
+    evaluated: dict[tuple[int, int], Any] = {}
+    out: dict[str, Any] = {}
+    for k, param in enumerate(plan.params):
+        r, v = plan.param_rules[k], plan.param_variants[k]
+        if r < 0 or not selected[k]:
+            continue
+        if (r, v) not in evaluated:
+            values = evaluate(state.hyper[r][v], state.clocks[r])
+            evaluated[r, v] = _numbers(values)
+        out["/".join(str(key) for key in keys[param.primary])] = evaluated[r, v]
+    return out
+
+
+def _numbers(tree: Any) -> Any:
+    """A tree of 0-d arrays as Python numbers (dicts, tuples and ``None`` kept)."""
+    if isinstance(tree, dict):
+        return {k: _numbers(v) for k, v in tree.items()}
+    if isinstance(tree, tuple | list):
+        return tuple(_numbers(v) for v in tree)
+    return None if tree is None else float(tree)
 
 
 def _names(tree: Any) -> set[str]:
@@ -147,28 +237,38 @@ def _names(tree: Any) -> set[str]:
     return set()
 
 
-def _replace(tree: Any, values: dict[str, Any]) -> Any:
+def _replace(tree: Any, values: dict[str, Any], like: Any = None) -> Any:
+    """A variant's hyper-parameter tree with the named values replaced (at any depth: every
+    member of a chain that has the name)."""
+    if like is None:
+        like = _float_leaf(tree)
     if isinstance(tree, dict):
         return {
-            k: _converted(v, values[k]) if k in values else _replace(v, values)
+            k: _converted(values[k], like) if k in values else _replace(v, values, like)
             for k, v in tree.items()
         }
     if isinstance(tree, tuple | list):
-        return type(tree)(_replace(v, values) for v in tree)
+        return type(tree)(_replace(v, values, like) for v in tree)
     return tree
 
 
-def _converted(old: Any, new: Any) -> Any:
-    """``new`` in the form of the hyper-parameter it replaces: arrays of the same namespace and
-    dtype, so the jitted step sees the same input types."""
-    like = jax.tree_util.tree_leaves(old)[0]
-    if isinstance(new, Schedule | tuple):
-        return jax.tree_util.tree_map(lambda v: _as_hyper(v, like), new)
-    return _as_hyper(new, like)
+def _float_leaf(tree: Any) -> Any:
+    """A floating-point array of a hyper-parameter tree: new values take its namespace and dtype."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    floats = [x for x in leaves if _arrays.namespace(x).isdtype(x.dtype, "real floating")]
+    return floats[0] if floats else leaves[0]
 
 
-def _as_hyper(value: Any, like: Any) -> Any:
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not (is_number or hasattr(value, "dtype")):
-        raise TypeError(f"a hyper-parameter must be a number or a schedule, got {value!r}")
-    return _arrays.namespace(like).asarray(value, dtype=like.dtype)
+def _converted(new: Any, like: Any) -> Any:
+    """``new`` as arrays of the namespace and dtype of the state's hyper-parameters (step counts of
+    a schedule as int32), so the jitted step sees the same input types."""
+    if new is None:
+        return None
+    xp = _arrays.namespace(like)
+    if isinstance(new, Schedule):
+        return new.map_numbers(
+            lambda v: xp.asarray(v, dtype=like.dtype), lambda v: xp.asarray(v, dtype=xp.int32)
+        )
+    if isinstance(new, tuple):
+        return tuple(_converted(n, like) for n in new)
+    return xp.asarray(new, dtype=like.dtype)

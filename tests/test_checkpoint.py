@@ -708,7 +708,7 @@ PROPERTY_RULES = [
     ost.OptimiserChain(ost.AccumGrad(2), ost.Nesterov(0.1)),
     ost.SkipNonFinite(ost.RMSProp(1e-2)),
     ost.MixedPrecision(ost.Adam(1e-2)),
-    ost.Adam(lr=ost.schedules.warmup_cosine(1e-2, 2, 10)),
+    ost.Adam(lr=ost.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10)),
 ]
 DTYPES = [np.float32, np.float64, np.float16, np.complex64]
 SHAPES = [(2, 3), (3,), (2, 2, 2), ()]

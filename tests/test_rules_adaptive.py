@@ -501,13 +501,15 @@ def test_learning_rate_schedule_matches_torch(name):
 def test_constructors_check_their_arguments():
     with pytest.raises(TypeError, match=r"RMSProp\(lr=\.\.\.\) must be a real number"):
         RMSProp("0.1")
-    with pytest.raises(TypeError, match=r"RAdam\(betas=\.\.\.\) must be a pair, got \(0.9,\)"):
+    with pytest.raises(
+        TypeError, match=r"RAdam\(betas=\.\.\.\) must be a tuple of 2 .*got \(0.9,\)"
+    ):
         RAdam(betas=(0.9,))
-    with pytest.raises(ValueError, match=r"NAdam\(betas=\.\.\.\) must be in \[0.0, 1.0\), got"):
+    with pytest.raises(ValueError, match=r"NAdam\(betas=\.\.\.\)\[1\] must be in \[0, 1\), got 1"):
         NAdam(betas=(0.9, 1.0))
-    with pytest.raises(ValueError, match=r"AdaGrad\(lr=\.\.\.\) must be in \[0.0, inf\), got -1"):
+    with pytest.raises(ValueError, match=r"AdaGrad\(lr=\.\.\.\) must be in \[0, inf\), got -1"):
         AdaGrad(-1)
-    with pytest.raises(ValueError, match=r"AdaDelta\(rho=\.\.\.\) must be in \[0.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"AdaDelta\(rho=\.\.\.\) must be in \[0, 1\]"):
         AdaDelta(rho=1.5)
     assert AdaDelta(rho=1.0).rho == 1.0
     with pytest.raises(TypeError, match=r"RMSProp\(centred=\.\.\.\) must be True or False, got 1"):
@@ -523,7 +525,7 @@ def test_constructors_check_their_arguments():
 def test_learning_rate_is_the_first_argument():
     for rule in [RMSProp, RAdam, NAdam, AdaMax, AMSGrad, OAdam, AdaGrad, AdaDelta, AdaBelief, Yogi]:
         assert rule(0.25).lr == 0.25
-        assert rule.hyper_names[0] == "lr"
+        assert next(iter(rule().hyper())) == "lr"
 
 
 # -- the list every property test runs over ---------------------------------------------------
@@ -553,7 +555,9 @@ CASES = [
 def test_cases_take_their_structure_apart(name, rule):
     """``structure()`` (hyper-parameters out) constructs, and keeps the static options."""
     bare = rule.structure()
-    assert all(getattr(bare, n) is None for n in rule.hyper_names)
-    assert {k: v for k, v in vars(bare).items() if k not in rule.hyper_names} == {
-        k: v for k, v in vars(rule).items() if k not in rule.hyper_names
+    names = set(rule.hyper())
+    assert names
+    assert all(getattr(bare, n) is None for n in names)
+    assert {k: v for k, v in vars(bare).items() if k not in names} == {
+        k: v for k, v in vars(rule).items() if k not in names
     }

@@ -212,7 +212,7 @@ def test_a_subset_of_names_from_the_deduplicated_dict() -> None:
 def test_schedule_and_adjust_follow_torch_learning_rate_changes() -> None:
     """A schedule evaluated at the step count is ``ExponentialLR``; ``adjust`` is a change of
     ``param_groups[...]["lr"]``. Both act on the tied module as on torch.optim's."""
-    rule = ost.Momentum(ost.schedules.exponential_decay(LR, 0.5, 1), momentum=MOMENTUM)
+    rule = ost.Momentum(ost.schedules.exponential_decay(LR, rate=0.5, steps=1), momentum=MOMENTUM)
     ours, ref = TiedLM(9), TiedLM(9)
     opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM)
     decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)

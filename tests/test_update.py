@@ -252,7 +252,7 @@ def test_donated_update_on_a_tied_model():
     new_state, new = ost.update(state, model, grads, donate=True)
     assert old_w.is_deleted()
     assert old_mu.is_deleted()
-    assert not state.hyper[0]["lr"].is_deleted()  # hyper-parameters are kept, not donated
+    assert not state.hyper[0][0]["lr"].is_deleted()  # hyper-parameters are kept, not donated
     assert new["dec"]["w"].parent is new["enc"]["w"] is new["again"][0]
     for a, b in zip(
         jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(expected), strict=True

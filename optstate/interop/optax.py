@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ from .._setup import RuleSpec, setup
 from .._state import State
 from .._update import retie, update
 from ..rules._base import AcrossParameters, Rule
+from ..rules._validate import Hyper, check_hyper, static
 from ..rules.sgd import Descent
 
 __all__ = ["OptaxRule", "from_optax", "to_optax"]
@@ -99,9 +101,8 @@ class OptaxRule(AcrossParameters):
             which ``optstate.adjust`` changes.
     """
 
-    wrapped: _Transformation
-    hyperparams: tuple[tuple[str, float | None], ...] = ()
-    hyper_names: ClassVar[tuple[str, ...]] = ()
+    wrapped: _Transformation = static()
+    hyperparams: tuple[tuple[str, float | None], ...] = static(())
 
     @property
     def transformation(self) -> Any:
@@ -116,6 +117,12 @@ class OptaxRule(AcrossParameters):
     def structure(self) -> OptaxRule:
         return dataclasses.replace(self, hyperparams=tuple((n, None) for n, _ in self.hyperparams))
 
+    def check_hyper(self, name: str, value: Any) -> bool:
+        if name not in dict(self.hyperparams):
+            return False
+        check_hyper("OptaxRule", name, Hyper(), value, None)
+        return True
+
     def init(self, param: Any) -> Any:
         if _arrays.is_torch(param):
             raise TypeError(
@@ -125,8 +132,9 @@ class OptaxRule(AcrossParameters):
         return self.transformation.init(param)
 
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
+        hyper = hypers[0]  # the same for every parameter of the group
         tx = self.transformation
         signature = tuple((tuple(p.shape), jnp.dtype(p.dtype)) for p in params)
         layout = _layout(tx, signature)

@@ -1,6 +1,10 @@
 """The rules: small pure functions of one parameter and its summed gradient (see ``_base``)."""
 
 from ._base import Rule as Rule
+from ._validate import Hyper as Hyper
+from ._validate import hyper as hyper
+from ._validate import member as member
+from ._validate import static as static
 from .adafactor import Adafactor as Adafactor
 from .adam import Adam as Adam
 from .adam import AdamW as AdamW

@@ -25,8 +25,10 @@ The pure ``apply`` stays the definition: the tests check that both forms agree.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -34,43 +36,83 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import cast, namespace
-from ..schedules import Schedule
+from ..schedules import MAX_STEP, Schedule
+from ._validate import Hyper, Member, Static, check_hyper, declaration
 
 __all__ = ["Rule", "cast", "namespace"]
 
 
 class Rule:
-    """Base class of every rule (see the module docstring for the contract)."""
+    """Base class of every rule: a frozen dataclass whose fields are its hyper-parameters.
 
-    hyper_names: ClassVar[tuple[str, ...]] = ()
+    Subclasses are written ``@dataclass(frozen=True) class MyRule(Rule): ...`` with the two members
+    of the contract, ``init`` and ``apply``; the module docstring has the rest. Fields are
+    hyper-parameters unless declared ``static``; ``hyper(default, min=..., below=...)`` declares a
+    range, which is checked here when the rule is made and by ``adjust``.
+    """
 
-    def hyper(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.hyper_names}
+    # A rule that looks across all the parameters of its group (it defines ``apply_all``): its own
+    # hyper-parameters are then the same for all of them.
+    across: ClassVar[bool] = False
+    # A rule that must wrap every other (it cannot stand inside a chain or another wrapper).
+    outermost: ClassVar[bool] = False
 
-    def structure(self) -> Rule:
-        """The rule with its hyper-parameters taken out: the static part of a state."""
-        return dataclasses.replace(self, **{name: None for name in self.hyper_names})  # type: ignore[type-var]
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field, declared in _declarations(type(self)):
+            value = getattr(self, field.name)
+            if isinstance(declared, Member):
+                for v in value if declared.many else (value,):
+                    check_member(v, name)
+            elif isinstance(declared, Static):
+                if declared.check is not None:
+                    try:
+                        declared.check(value)
+                    except (TypeError, ValueError) as err:
+                        raise type(err)(f"{name}({field.name}=...) {err}") from None
+            else:
+                check_hyper(name, field.name, declared, value, field.default)
+
+    # -- the contract ------------------------------------------------------------------------
 
     def init(self, param: Any) -> Any:
+        """The rule's state for one parameter: a tuple or NamedTuple of arrays (``()`` for none)."""
         del param
         return ()
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
-        raise NotImplementedError
+        """``(new_state, step)`` for one parameter and its summed gradient; ``p - step`` is the new
+        parameter. ``hyper`` holds the hyper-parameters at this step (schedules evaluated), as
+        0-d arrays keyed by field name; read them there, never from ``self``."""
+        raise NotImplementedError(f"{self.name()} does not define apply")
+
+    # -- optional: documented apart (docs/rules.md, "Writing a rule") ---------------------------
 
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
-        """``apply`` for every parameter of this rule at once: ``(new_states, steps)``."""
-        out = [self.apply(hyper, s, p, g) for s, p, g in zip(states, params, grads, strict=True)]
+        """``apply`` for every parameter of this rule's group at once: ``(new_states, steps)``.
+        ``hypers[i]`` is parameter ``i``'s. A rule that looks across parameters overrides it
+        (and sets ``across = True``; its own hyper-parameters are the same in every
+        ``hypers[i]``)."""
+        out = [
+            self.apply(h, s, p, g) for h, s, p, g in zip(hypers, states, params, grads, strict=True)
+        ]
         return [new for new, _ in out], [step for _, step in out]
 
     def update_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
-        """``(new_states, new_params)``: the steps of ``apply_all`` subtracted, dtypes kept."""
-        states, steps = self.apply_all(hyper, states, params, grads)
+        """``(new_states, new_params)``: the steps of ``apply_all`` subtracted, dtypes kept. A rule
+        that makes the new parameter itself (``MixedPrecision``) overrides it."""
+        states, steps = self.apply_all(hypers, states, params, grads)
         return states, [cast(p - step, p.dtype) for p, step in zip(params, steps, strict=True)]
+
+    def ready(self, state: Any) -> Any:
+        """``None``, or a 0-d boolean computed from the new state: ``False`` while the rule is
+        still gathering (``AccumGrad``). An ``OptimiserChain`` then holds the rules after it."""
+        del state
+        return None
 
     def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
         """Whether ``update_all_`` can step these parameters (no rule can, unless it says so)."""
@@ -86,41 +128,135 @@ class Rule:
         failed step still leaves everything as it was."""
         raise NotImplementedError(f"{self.name()} has no in-place form")
 
-    def ready(self, state: Any) -> Any:
-        """``None``, or a 0-d boolean computed from the new state: ``False`` while the rule is
-        still gathering (``AccumGrad``). An ``OptimiserChain`` then holds the rules after it."""
-        del state
-        return None
+    # -- what the walk asks of a rule (containers override these) ------------------------------
+
+    def members(self) -> tuple[Rule, ...]:
+        """The rules this one holds (a chain's, a wrapper's: its ``member()`` fields), in order."""
+        out: list[Rule] = []
+        for field, declared in _declarations(type(self)):
+            if isinstance(declared, Member):
+                value = getattr(self, field.name)
+                out.extend(value if declared.many else (value,))
+        return tuple(out)
+
+    def hyper(self) -> Any:
+        """The hyper-parameters, a small tree of numbers and schedules: the values of the fields
+        that are not static, by name."""
+        return {
+            field.name: getattr(self, field.name)
+            for field, declared in _declarations(type(self))
+            if isinstance(declared, Hyper)
+        }
+
+    def structure(self) -> Rule:
+        """The rule with its hyper-parameters taken out (``None``) and its members' likewise: the
+        static part of a state, hashable and compared by value."""
+        out = copy.copy(self)
+        for field, declared in _declarations(type(self)):
+            value = getattr(self, field.name)
+            if isinstance(declared, Member):
+                value = tuple(v.structure() for v in value) if declared.many else value.structure()
+            elif isinstance(declared, Hyper):
+                value = None
+            object.__setattr__(out, field.name, value)
+        return out
+
+    def clocks(self) -> Any:
+        """The shape of this rule's schedule clocks: one step count (``0``) for a rule, a tuple of
+        its members' for a chain. A schedule of the rule is evaluated at its clock: the number of
+        steps this rule has taken (not counting steps gathered by ``AccumGrad`` or skipped by
+        ``SkipNonFinite``)."""
+        return 0
+
+    def tick(self, clock: Any, before: list[Any], after: list[Any]) -> Any:
+        """The clocks after a step that took the rule states of its group from ``before`` to
+        ``after`` (the parameters that had a gradient). A rule takes every step it is given."""
+        del before, after
+        return increment(clock)
+
+    def looks_across(self) -> bool:
+        """This rule or one of its members looks across parameters."""
+        return type(self).across or any(m.looks_across() for m in self.members())
+
+    def shared(self) -> frozenset[str]:
+        """The names of the hyper-parameters that must be equal for all parameters of a group: the
+        own hyper-parameters of the rules that look across parameters."""
+        own = frozenset(self.hyper()) if type(self).across and not self.members() else frozenset()
+        return own.union(*(m.shared() for m in self.members()))
+
+    def group_key(self) -> Any:
+        """Parameters whose rules have equal keys share one group: the same structure, and the same
+        values where a member looks across parameters. Within a group other hyper-parameters may
+        differ from parameter to parameter (per-subtree rules, ``adjust`` of a subset)."""
+        own = self.hyper() if type(self).across and not self.members() else None
+        return (self.structure(), _frozen(own), tuple(m.group_key() for m in self.members()))
+
+    def check_hyper(self, name: str, value: Any) -> bool:
+        """Check ``value`` for every hyper-parameter called ``name`` in this rule or its members, as
+        a new value given to ``adjust``; whether any has that name."""
+        found = False
+        for field, declared in _declarations(type(self)):
+            if field.name == name and isinstance(declared, Hyper):
+                check_hyper(type(self).__name__, name, declared, value, field.default)
+                found = True
+        for member in self.members():
+            found = member.check_hyper(name, value) or found
+        return found
 
     def name(self) -> str:
         return type(self).__name__
-
-    def _check(self) -> None:
-        """Every hyper-parameter is a real number or a schedule (``None`` in a ``structure()``)."""
-        for name in self.hyper_names:
-            value = getattr(self, name)
-            flat = value if isinstance(value, tuple) else (value,)
-            if value is None or all(v is None for v in flat):
-                continue
-            if not all(_is_hyper(v) for v in flat):
-                raise TypeError(
-                    f"{type(self).__name__}({name}=...) must be a real number or a schedule"
-                    f"{' or a tuple of them' if isinstance(value, tuple) else ''}, got {value!r}"
-                )
 
 
 class AcrossParameters(Rule):
     """A rule that looks at all its parameters together: it defines ``apply_all``, and ``apply``
     is that for a single parameter."""
 
+    across: ClassVar[bool] = True
+
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
-        (new,), (step,) = self.apply_all(hyper, [state], [param], [grad])
+        (new,), (step,) = self.apply_all([hyper], [state], [param], [grad])
         return new, step
 
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
         raise NotImplementedError
+
+
+Declared = tuple[tuple[dataclasses.Field[Any], Hyper | Static | Member], ...]
+_declared: dict[type, Declared] = {}
+
+
+def _declarations(cls: type) -> Declared:
+    """The dataclass fields of a rule class and what each was declared as (cached per class)."""
+    found = _declared.get(cls)
+    if found is None:
+        fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+        found = _declared[cls] = tuple((f, declaration(f)) for f in fields if f.init)
+    return found
+
+
+def _frozen(tree: Any) -> Any:
+    """A hashable stand-in for a tree of hyper-parameter values (arrays by identity)."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in tree.items()))
+    if isinstance(tree, tuple | list):
+        return tuple(_frozen(v) for v in tree)
+    try:
+        hash(tree)
+    except TypeError:
+        return ("unhashable", id(tree))
+    return tree
+
+
+def increment(count: Any) -> Any:
+    """``count + 1`` for a step count, saturating at ``2**31 - 1`` instead of wrapping (as optax's
+    counts do): a run that long keeps its last schedule value and bias correction."""
+    xp = namespace(count)
+    top = xp.asarray(MAX_STEP - 1, dtype=count.dtype)
+    return xp.asarray(xp.minimum(count, top) + xp.asarray(1, dtype=count.dtype))
 
 
 def check_member(rule: Any, container: str) -> None:
@@ -129,7 +265,7 @@ def check_member(rule: Any, container: str) -> None:
         raise TypeError(
             f"{container} takes optstate rules, got {rule!r} of type {type(rule).__name__}"
         )
-    if getattr(rule, "outermost_only", False):
+    if type(rule).outermost:
         raise TypeError(
             f"{rule.name()} must be the outermost rule, not inside {container}: wrap it around"
         )

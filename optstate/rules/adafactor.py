@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from .._arrays import reduced_zeros
-from ..schedules import Schedule
-from ._base import Rule, cast, finfo, isdtype, namespace, scalars
+from ._base import Rule, cast, finfo, increment, isdtype, namespace, scalars
+from ._validate import Hyper, flag, hyper, one_of, positive_int, static
 
 
 class AdafactorState(NamedTuple):
@@ -19,13 +18,6 @@ class AdafactorState(NamedTuple):
     col: Any  # factored: mean of g^2 over the row axis, kept as a length-1 axis; else None
     v: Any  # unfactored: the full second moment, the parameter's shape; else None
     count: Any  # steps taken by this parameter, int32
-
-
-def _number(value: Any) -> bool:
-    """A hyper-parameter's value: a real number or a schedule."""
-    return isinstance(value, Schedule) or (
-        isinstance(value, numbers.Real) and not isinstance(value, bool)
-    )
 
 
 @dataclass(frozen=True)
@@ -76,62 +68,17 @@ class Adafactor(Rule):
     Cost* (ICML 2018), https://arxiv.org/abs/1804.04235
     """
 
-    lr: float = 1e-2
-    beta2_decay: float = -0.8
-    eps: tuple[float | None, float] = (None, 1e-3)
-    d: float = 1.0
-    weight_decay: float = 0.0
+    lr: float = hyper(1e-2, min=0)
+    beta2_decay: float = hyper(-0.8, max=0)
+    eps: tuple[float | None, float] = hyper(
+        (None, 1e-3), elements=(Hyper(min=0, optional=True), Hyper(min=0))
+    )
+    d: float = hyper(1.0, min=1)
+    weight_decay: float = hyper(0.0, min=0)
     _: KW_ONLY
-    relative_step: bool = True
-    factor_axes: Literal["last", "largest"] = "last"
-    min_dim_size_to_factor: int = 1
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "beta2_decay", "eps", "d", "weight_decay")
-
-    def __post_init__(self) -> None:
-        self._check()
-        bounds = {"lr": (0, math.inf), "beta2_decay": (-math.inf, 0), "d": (1, math.inf)}
-        bounds["weight_decay"] = (0, math.inf)
-        for name, (low, high) in bounds.items():
-            value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not low <= float(value) <= high:
-                raise ValueError(f"Adafactor({name}=...) must be in [{low}, {high}], got {value!r}")
-        if self.eps is not None and any(isinstance(e, numbers.Real) and e < 0 for e in self.eps):
-            raise ValueError(f"Adafactor(eps=...) must be >= 0, got {self.eps!r}")
-        if not isinstance(self.relative_step, bool):
-            raise TypeError(
-                f"Adafactor(relative_step=...) must be a bool, got {self.relative_step!r}"
-            )
-        if self.factor_axes not in ("last", "largest"):
-            raise ValueError(
-                f'Adafactor(factor_axes=...) must be "last" or "largest", got {self.factor_axes!r}'
-            )
-        size = self.min_dim_size_to_factor
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-            raise ValueError(
-                f"Adafactor(min_dim_size_to_factor=...) must be an int >= 1, got {size!r}"
-            )
-
-    def _check(self) -> None:
-        """As ``Rule._check``, with ``eps[0]`` allowed to be ``None`` (machine epsilon)."""
-        for name in self.hyper_names:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if name == "eps":
-                if not (
-                    isinstance(value, tuple)
-                    and len(value) == 2
-                    and (value[0] is None or _number(value[0]))
-                    and _number(value[1])
-                ):
-                    raise TypeError(
-                        "Adafactor(eps=...) must be a pair (eps1, eps2) of real numbers or "
-                        f"schedules, eps1 may be None, got {value!r}"
-                    )
-            elif not _number(value):
-                raise TypeError(
-                    f"Adafactor({name}=...) must be a real number or a schedule, got {value!r}"
-                )
+    relative_step: bool = static(True, check=flag)
+    factor_axes: Literal["last", "largest"] = static("last", check=one_of("last", "largest"))
+    min_dim_size_to_factor: int = static(1, check=positive_int)
 
     def _factored_axes(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
         """The (row, column) axes to factor over, or ``None`` for a full second moment."""
@@ -180,7 +127,7 @@ class Adafactor(Rule):
         eps1, eps2 = scalars(xp, wide, finfo(xp, dtype).eps if eps1 is None else eps1, eps2)
         root_n = math.sqrt(math.prod(grad.shape))
 
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         t = cast(count, wide)
         rho = xp.minimum(lr, 1 / xp.sqrt(t)) if self.relative_step else lr
         param_rms = cast(xp.asarray(xp.linalg.vector_norm(param)), wide) / root_n

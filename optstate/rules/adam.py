@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 from . import _inplace
-from ._base import Rule, abs2, cast, moment_zeros, namespace, real_dtype, scalar_dtype, scalars
+from ._base import (
+    Rule,
+    abs2,
+    cast,
+    increment,
+    moment_zeros,
+    namespace,
+    real_dtype,
+    scalar_dtype,
+    scalars,
+)
+from ._validate import floating_dtype, hyper, static
 
 
 class AdamState(NamedTuple):
@@ -36,7 +47,7 @@ def _direction(hyper: Any, state: AdamState, grad: Any) -> tuple[AdamState, Any]
     wide = scalar_dtype(xp, grad)
     beta1, beta2 = hyper["betas"]
     b1, b2, eps = scalars(xp, wide, beta1, beta2, hyper["eps"])
-    count = xp.asarray(state.count + 1)
+    count = increment(state.count)
     t = cast(count, wide)
     # The decay of m happens in m's own dtype, as in optax (it matters with ``mu_dtype``).
     mu = cast(cast(b1, state.mu.dtype) * state.mu, dtype) + cast(1 - b1, dtype) * grad
@@ -94,15 +105,11 @@ class Adam(Rule):
     https://arxiv.org/abs/1412.6980
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-8, min=0)
     _: KW_ONLY
-    mu_dtype: Any = None
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
-
-    def __post_init__(self) -> None:
-        self._check()
+    mu_dtype: Any = static(None, check=floating_dtype)
 
     def init(self, param: Any) -> AdamState:
         return _init(self, param, self.mu_dtype)
@@ -141,16 +148,12 @@ class AdamW(Rule):
     https://arxiv.org/abs/1711.05101
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 1e-2
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-8, min=0)
+    weight_decay: float = hyper(1e-2, min=0)
     _: KW_ONLY
-    mu_dtype: Any = None
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "weight_decay")
-
-    def __post_init__(self) -> None:
-        self._check()
+    mu_dtype: Any = static(None, check=floating_dtype)
 
     def init(self, param: Any) -> AdamState:
         return _init(self, param, self.mu_dtype)

@@ -10,20 +10,17 @@ as pairs of reals; where torch and optax disagree a keyword-only option gives op
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
-from ._base import Rule, abs2, cast, moment_zeros, namespace, real_dtype
+from ._base import Rule, abs2, cast, increment, moment_zeros, namespace, real_dtype
+from ._validate import flag, floating_dtype, hyper, nonnegative, static
 from .adaptive2 import (
-    NONNEG,
-    UNIT,
-    UNIT_CLOSED,
     AdaMax,
     AMSGrad,
     NAdam,
     RAdam,
     as_dtype,
     by_parts,
-    check,
     full_like,
     powers,
     wide_dtype,
@@ -78,26 +75,14 @@ class RMSProp(Rule):
     https://arxiv.org/abs/1308.0850
     """
 
-    lr: float = 1e-2
-    alpha: float = 0.99
-    eps: float = 1e-8
-    momentum: float = 0.0
+    lr: float = hyper(1e-2, min=0)
+    alpha: float = hyper(0.99, min=0, max=1)
+    eps: float = hyper(1e-8, min=0)
+    momentum: float = hyper(0.0, min=0)
     _: KW_ONLY
-    centred: bool = False
-    eps_in_sqrt: bool = False
-    initial_accumulator: float = 0.0
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "alpha", "eps", "momentum")
-
-    def __post_init__(self) -> None:
-        check(
-            self,
-            ("centred", "eps_in_sqrt"),
-            lr=NONNEG,
-            alpha=NONNEG,
-            eps=NONNEG,
-            momentum=NONNEG,
-            initial_accumulator=NONNEG,
-        )
+    centred: bool = static(False, check=flag)
+    eps_in_sqrt: bool = static(False, check=flag)
+    initial_accumulator: float = static(0.0, check=nonnegative)
 
     def init(self, param: Any) -> RMSPropState:
         xp = namespace(param)
@@ -127,7 +112,7 @@ class RMSProp(Rule):
             return v, g_avg, b, xp.where(with_momentum, lr * b, (lr * g) / d)
 
         nu, mu, velocity, step = by_parts(xp, kernel, grad, state.nu, state.mu, state.velocity)
-        return RMSPropState(nu, mu, velocity, xp.asarray(state.count + 1)), step
+        return RMSPropState(nu, mu, velocity, increment(state.count)), step
 
 
 class AdaGradState(NamedTuple):
@@ -155,23 +140,12 @@ class AdaGrad(Rule):
     Stochastic Optimization* (JMLR 2011), https://jmlr.org/papers/v12/duchi11a.html
     """
 
-    lr: float = 1e-2
-    lr_decay: float = 0.0
-    eps: float = 1e-10
+    lr: float = hyper(1e-2, min=0)
+    lr_decay: float = hyper(0.0, min=0)
+    eps: float = hyper(1e-10, min=0)
     _: KW_ONLY
-    initial_accumulator: float = 0.0
-    eps_in_sqrt: bool = False
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "lr_decay", "eps")
-
-    def __post_init__(self) -> None:
-        check(
-            self,
-            ("eps_in_sqrt",),
-            lr=NONNEG,
-            lr_decay=NONNEG,
-            eps=NONNEG,
-            initial_accumulator=NONNEG,
-        )
+    initial_accumulator: float = static(0.0, check=nonnegative)
+    eps_in_sqrt: bool = static(False, check=flag)
 
     def init(self, param: Any) -> AdaGradState:
         xp = namespace(param)
@@ -183,7 +157,7 @@ class AdaGrad(Rule):
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
         xp, real = namespace(grad), real_dtype(namespace(grad), grad)
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         h = (hyper["lr"], hyper["lr_decay"], hyper["eps"])
         lr, decay, eps, t = as_dtype(xp, wide_dtype(xp, real, *h), *h, count)
         clr, eps = as_dtype(xp, real, lr / (1 + (t - 1) * decay), eps)
@@ -221,13 +195,9 @@ class AdaDelta(Rule):
     https://arxiv.org/abs/1212.5701
     """
 
-    lr: float = 1.0
-    rho: float = 0.9
-    eps: float = 1e-6
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "rho", "eps")
-
-    def __post_init__(self) -> None:
-        check(self, lr=NONNEG, rho=UNIT_CLOSED, eps=NONNEG)
+    lr: float = hyper(1.0, min=0)
+    rho: float = hyper(0.9, min=0, max=1)
+    eps: float = hyper(1e-6, min=0)
 
     def init(self, param: Any) -> AdaDeltaState:
         xp = namespace(param)
@@ -249,7 +219,7 @@ class AdaDelta(Rule):
             return v, u, lr * delta
 
         nu, delta, step = by_parts(xp, kernel, grad, state.nu, state.delta)
-        return AdaDeltaState(nu, delta, xp.asarray(state.count + 1)), step
+        return AdaDeltaState(nu, delta, increment(state.count)), step
 
 
 # -- optax's Adam variants: complex parameters through |g|^2, as optax ---------------------------
@@ -298,18 +268,14 @@ class OAdam(Rule):
     https://arxiv.org/abs/1711.00141
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    alpha: float = 1.0
-    beta: float = 1.0
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-8, min=0)
+    alpha: float = hyper(1.0, min=0)
+    beta: float = hyper(1.0, min=0)
     _: KW_ONLY
-    nesterov: bool = True
-    mu_dtype: Any = None
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "alpha", "beta")
-
-    def __post_init__(self) -> None:
-        check(self, ("nesterov",), lr=NONNEG, betas=UNIT, eps=NONNEG)
+    nesterov: bool = static(True, check=flag)
+    mu_dtype: Any = static(None, check=floating_dtype)
 
     def init(self, param: Any) -> OAdamState:
         xp = namespace(param)
@@ -325,7 +291,7 @@ class OAdam(Rule):
         xp, dtype, real = namespace(grad), grad.dtype, real_dtype(namespace(grad), grad)
         beta1, beta2 = hyper["betas"]
         h = (hyper["lr"], beta1, beta2, hyper["eps"], hyper["alpha"], hyper["beta"])
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         wide = wide_dtype(xp, real, *h)
         lr, b1, b2, eps, alpha, beta, t = as_dtype(xp, wide, *h, count)
         w1_, b1_, lr_, ab_, beta_ = as_dtype(xp, dtype, 1 - b1, b1, lr, alpha + beta, beta)
@@ -368,16 +334,12 @@ class AdaBelief(Rule):
     Gradients* (NeurIPS 2020), https://arxiv.org/abs/2010.07468
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-16
-    eps_root: float = 1e-16
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-16, min=0)
+    eps_root: float = hyper(1e-16, min=0)
     _: KW_ONLY
-    nesterov: bool = False
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "eps_root")
-
-    def __post_init__(self) -> None:
-        check(self, ("nesterov",), lr=NONNEG, betas=UNIT, eps=NONNEG, eps_root=NONNEG)
+    nesterov: bool = static(False, check=flag)
 
     def init(self, param: Any) -> AdaBeliefState:
         xp = namespace(param)
@@ -389,7 +351,7 @@ class AdaBelief(Rule):
         xp, dtype, real = namespace(grad), grad.dtype, real_dtype(namespace(grad), grad)
         beta1, beta2 = hyper["betas"]
         h = (hyper["lr"], beta1, beta2, hyper["eps"], hyper["eps_root"])
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         wide = wide_dtype(xp, real, *h)
         lr, b1, b2, eps, eps_root, t = as_dtype(xp, wide, *h, count)
         w1_, b1_, lr_ = as_dtype(xp, dtype, 1 - b1, b1, lr)
@@ -429,15 +391,11 @@ class Yogi(Rule):
     https://papers.nips.cc/paper/8186-adaptive-methods-for-nonconvex-optimization
     """
 
-    lr: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-3
+    lr: float = hyper(1e-2, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-3, min=0)
     _: KW_ONLY
-    initial_accumulator: float = 1e-6
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
-
-    def __post_init__(self) -> None:
-        check(self, lr=NONNEG, betas=UNIT, eps=NONNEG, initial_accumulator=NONNEG)
+    initial_accumulator: float = static(1e-6, check=nonnegative)
 
     def init(self, param: Any) -> YogiState:
         xp = namespace(param)
@@ -450,7 +408,7 @@ class Yogi(Rule):
         xp, dtype, real = namespace(grad), grad.dtype, real_dtype(namespace(grad), grad)
         beta1, beta2 = hyper["betas"]
         h = (hyper["lr"], beta1, beta2, hyper["eps"])
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         wide = wide_dtype(xp, real, *h)
         lr, b1, b2, eps, t = as_dtype(xp, wide, *h, count)
         w1_, b1_, lr_ = as_dtype(xp, dtype, 1 - b1, b1, lr)

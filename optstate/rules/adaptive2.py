@@ -8,15 +8,11 @@ parameter or the hyper-parameters are ``float64`` (as torch computes it in Pytho
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
-import jax.numpy as jnp
-import numpy as np
-
-from ._base import Rule, cast, isdtype, moment_zeros, namespace, real_dtype
+from ._base import Rule, cast, increment, isdtype, moment_zeros, namespace, real_dtype
+from ._validate import flag, floating_dtype, hyper, static
 
 __all__ = ["AMSGrad", "AdaMax", "NAdam", "RAdam"]  # the helpers below serve adaptive.py only
 
@@ -74,53 +70,6 @@ def full_like(param: Any, value: float, *, both_parts: bool) -> Any:
     return xp.full_like(param, value)
 
 
-def check(rule: Rule, flags: tuple[str, ...] = (), **bounds: tuple[float, float, str]) -> None:
-    """``Rule._check``, then: every plain number of ``bounds`` within them (schedules are not
-    checked), ``betas`` a pair, the static ``flags`` booleans, ``mu_dtype`` a real floating dtype
-    or ``None``."""
-    rule._check()
-    name = type(rule).__name__
-    for field, (low, high, close) in bounds.items():
-        value = getattr(rule, field)
-        pair = isinstance(value, tuple) and len(value) == 2
-        if field == "betas" and value is not None and not pair:
-            raise TypeError(f"{name}(betas=...) must be a pair, got {value!r}")
-        for v in value if isinstance(value, tuple) else (value,):
-            if not isinstance(v, numbers.Real):
-                continue  # a schedule, or None in a structure()
-            if not (low <= float(v) < high or (close == "]" and float(v) == high)):
-                raise ValueError(
-                    f"{name}({field}=...) must be in [{low}, {high}{close}, got {value!r}"
-                )
-    for flag in flags:
-        flag_value = getattr(rule, flag)
-        if not isinstance(flag_value, bool):
-            raise TypeError(f"{name}({flag}=...) must be True or False, got {flag_value!r}")
-    mu_dtype = getattr(rule, "mu_dtype", None)
-    if mu_dtype is not None and not _is_real_float(mu_dtype):
-        raise TypeError(
-            f"{name}(mu_dtype=...) must be a real floating dtype or None, got {mu_dtype!r}"
-        )
-
-
-def _is_torch_dtype(dtype: Any) -> bool:
-    return type(dtype).__module__ == "torch"
-
-
-def _is_real_float(dtype: Any) -> bool:
-    if _is_torch_dtype(dtype):
-        return bool(dtype.is_floating_point)
-    try:
-        return bool(jnp.issubdtype(np.dtype(dtype), jnp.floating))
-    except TypeError:
-        return False
-
-
-UNIT = (0.0, 1.0, ")")  # betas
-UNIT_CLOSED = (0.0, 1.0, "]")
-NONNEG = (0.0, math.inf, ")")
-
-
 def _moments_init(rule: Any, param: Any) -> tuple[Any, Any, Any]:
     xp = namespace(param)
     return (
@@ -166,15 +115,11 @@ class RAdam(Rule):
     https://arxiv.org/abs/1908.03265
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-8, min=0)
     _: KW_ONLY
-    correct_before_eps: bool = False
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
-
-    def __post_init__(self) -> None:
-        check(self, ("correct_before_eps",), lr=NONNEG, betas=UNIT, eps=NONNEG)
+    correct_before_eps: bool = static(False, check=flag)
 
     def init(self, param: Any) -> RAdamState:
         xp = namespace(param)
@@ -184,7 +129,7 @@ class RAdam(Rule):
         del param
         xp, real = namespace(grad), real_dtype(namespace(grad), grad)
         beta1, beta2 = hyper["betas"]
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
         lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
         _, bc1 = powers(xp, b1, t)
@@ -246,24 +191,13 @@ class NAdam(Rule):
     https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
     """
 
-    lr: float = 2e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum_decay: float = 4e-3
+    lr: float = hyper(2e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-8, min=0)
+    momentum_decay: float = hyper(4e-3, min=0)
     _: KW_ONLY
-    momentum_schedule: bool = True
-    mu_dtype: Any = None
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "momentum_decay")
-
-    def __post_init__(self) -> None:
-        check(
-            self,
-            ("momentum_schedule",),
-            lr=NONNEG,
-            betas=UNIT,
-            eps=NONNEG,
-            momentum_decay=NONNEG,
-        )
+    momentum_schedule: bool = static(True, check=flag)
+    mu_dtype: Any = static(None, check=floating_dtype)
 
     def init(self, param: Any) -> NAdamState:
         xp = namespace(param)
@@ -276,7 +210,7 @@ class NAdam(Rule):
         xp, real = namespace(grad), real_dtype(namespace(grad), grad)
         beta1, beta2 = hyper["betas"]
         h = (hyper["lr"], beta1, beta2, hyper["eps"], hyper["momentum_decay"])
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         wide = wide_dtype(xp, real, *h)
         lr, b1, b2, eps, psi, t = as_dtype(xp, wide, *h, count)
         _, bc2 = powers(xp, b2, t)
@@ -328,13 +262,9 @@ class AdaMax(Rule):
     https://arxiv.org/abs/1412.6980
     """
 
-    lr: float = 2e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
-
-    def __post_init__(self) -> None:
-        check(self, lr=NONNEG, betas=UNIT, eps=NONNEG)
+    lr: float = hyper(2e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-8, min=0)
 
     def init(self, param: Any) -> AdaMaxState:
         xp = namespace(param)
@@ -344,7 +274,7 @@ class AdaMax(Rule):
         del param
         xp, real = namespace(grad), real_dtype(namespace(grad), grad)
         beta1, beta2 = hyper["betas"]
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
         lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
         _, bc1 = powers(xp, b1, t)
@@ -387,16 +317,12 @@ class AMSGrad(Rule):
     https://arxiv.org/abs/1904.09237
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-8, min=0)
     _: KW_ONLY
-    correct_before_max: bool = False
-    mu_dtype: Any = None
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
-
-    def __post_init__(self) -> None:
-        check(self, ("correct_before_max",), lr=NONNEG, betas=UNIT, eps=NONNEG)
+    correct_before_max: bool = static(False, check=flag)
+    mu_dtype: Any = static(None, check=floating_dtype)
 
     def init(self, param: Any) -> AMSGradState:
         mu, nu, count = _moments_init(self, param)
@@ -406,7 +332,7 @@ class AMSGrad(Rule):
         del param
         xp, real = namespace(grad), real_dtype(namespace(grad), grad)
         beta1, beta2 = hyper["betas"]
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
         lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
         _, bc1 = powers(xp, b1, t)

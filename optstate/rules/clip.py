@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from ._base import (
     AcrossParameters,
@@ -17,6 +18,7 @@ from ._base import (
     real_dtype,
     scalars,
 )
+from ._validate import hyper, static
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,7 @@ class ClipGrad(Rule):
     after its gradients are summed.
     """
 
-    delta: float = 10.0
-    hyper_names: ClassVar[tuple[str, ...]] = ("delta",)
-
-    def __post_init__(self) -> None:
-        self._check()
+    delta: float = hyper(10.0, min=0)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
@@ -47,6 +45,13 @@ class ClipGrad(Rule):
             one_j = xp.asarray(1j, dtype=grad.dtype)
             return state, cast(re, grad.dtype) + one_j * cast(im, grad.dtype)
         return state, xp.clip(grad, -delta, delta)
+
+
+def _norm_order(p: Any) -> None:
+    if isinstance(p, bool) or not isinstance(p, int | float):
+        raise TypeError(f"must be a positive number or math.inf, got {p!r}")
+    if not p > 0:
+        raise ValueError(f"must be a positive number or math.inf, got {p!r}")
 
 
 @dataclass(frozen=True)
@@ -64,16 +69,8 @@ class ClipNorm(Rule):
     (ICML 2013).
     """
 
-    max_norm: float = 10.0
-    p: float = 2
-    hyper_names: ClassVar[tuple[str, ...]] = ("max_norm",)
-
-    def __post_init__(self) -> None:
-        self._check()
-        if not (isinstance(self.p, int | float) and self.p > 0):
-            raise ValueError(
-                f"ClipNorm(p=...) must be a positive number or math.inf, got {self.p!r}"
-            )
+    max_norm: float = hyper(10.0, min=0)
+    p: float = static(2, check=_norm_order)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
@@ -103,15 +100,12 @@ class ClipGlobalNorm(AcrossParameters):
     (ICML 2013).
     """
 
-    max_norm: float
-    hyper_names: ClassVar[tuple[str, ...]] = ("max_norm",)
-
-    def __post_init__(self) -> None:
-        self._check()
+    max_norm: float = hyper(min=0)
 
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
+        hyper = hypers[0]  # the same for every parameter of the group
         xp = namespace(grads[0])
         wide = xp.float64 if any(finfo(xp, g.dtype).bits >= 64 for g in grads) else xp.float32
         squares = [xp.sum(abs2(xp, cast(g, _widened(xp, g, wide)))) for g in grads]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
 from ._base import AcrossParameters, Rule, check_member, namespace, select
+from ._validate import member
 
 
 @dataclass(frozen=True, init=False)
@@ -21,7 +23,8 @@ class OptimiserChain(AcrossParameters):
     optax's sign convention: a step is subtracted, an optax update is added).
     """
 
-    rules: tuple[Rule, ...]
+    rules: tuple[Rule, ...] = member(many=True)
+    across: ClassVar[bool] = False  # only its members may look across parameters
 
     def __init__(self, *rules: Rule) -> None:
         for i, rule in enumerate(rules):
@@ -34,11 +37,31 @@ class OptimiserChain(AcrossParameters):
     def name(self) -> str:
         return f"OptimiserChain({', '.join(r.name() for r in self.rules)})"
 
-    def hyper(self) -> tuple[Any, ...]:  # type: ignore[override]
+    def hyper(self) -> tuple[Any, ...]:
         return tuple(rule.hyper() for rule in self.rules)
 
     def structure(self) -> OptimiserChain:
         return OptimiserChain(*(rule.structure() for rule in self.rules))
+
+    def clocks(self) -> tuple[Any, ...]:
+        return tuple(rule.clocks() for rule in self.rules)
+
+    def tick(self, clock: Any, before: list[Any], after: list[Any]) -> Any:
+        # A member steps when every gathering member before it is ready (for one parameter of
+        # the group at least: they step together when every parameter has a gradient).
+        out = []
+        gate = None  # per parameter: are the members so far ready?
+        for i, rule in enumerate(self.rules):
+            old, new = [s[i] for s in before], [s[i] for s in after]
+            ticked = rule.tick(clock[i], old, new)
+            if gate is not None:
+                xp = namespace(gate[0])
+                ticked = select(xp, xp.any(xp.stack(gate)), ticked, clock[i])
+            out.append(ticked)
+            flags = [rule.ready(s) for s in new]
+            if flags[0] is not None:
+                gate = flags if gate is None else [g & f for g, f in zip(gate, flags, strict=True)]
+        return tuple(out)
 
     def ready(self, state: Any) -> Any:
         flags = [rule.ready(s) for rule, s in zip(self.rules, state, strict=True)]
@@ -51,15 +74,15 @@ class OptimiserChain(AcrossParameters):
         return tuple(rule.init(param) for rule in self.rules)
 
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
         # Rule by rule over all parameters, so a rule that looks across parameters (such as
         # ClipGlobalNorm) sees every parameter's gradient as it stands at its place in the chain.
         members: list[list[Any]] = []
         ready: list[Any] = [None] * len(states)  # per parameter: may the rules go on?
-        for i, (rule, h) in enumerate(zip(self.rules, hyper, strict=True)):
+        for i, rule in enumerate(self.rules):
             old = [s[i] for s in states]
-            new, grads = rule.apply_all(h, old, params, grads)
+            new, grads = rule.apply_all([h[i] for h in hypers], old, params, grads)
             new = [_hold(r, n, o) for r, n, o in zip(ready, new, old, strict=True)]
             members.append(new)
             ready = [_both(r, rule.ready(n)) for r, n in zip(ready, new, strict=True)]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from ._base import Rule, namespace, scalars
+from ._validate import hyper
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,7 @@ class WeightDecay(Rule):
     ``optax.add_decayed_weights(weight_decay)``.
     """
 
-    weight_decay: float = 5e-4
-    hyper_names: ClassVar[tuple[str, ...]] = ("weight_decay",)
-
-    def __post_init__(self) -> None:
-        self._check()
+    weight_decay: float = hyper(5e-4, min=0)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         xp = namespace(grad)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
-from ._base import Rule, abs2, cast, namespace, real_dtype, scalars
+from ._base import Rule, abs2, cast, increment, namespace, real_dtype, scalars
+from ._validate import flag, hyper, static
 
 
 def _trust_ratio(xp: Any, param: Any, update: Any, coefficient: Any, eps: Any) -> Any:
@@ -50,17 +51,11 @@ class Lamb(Rule):
     minutes* (ICLR 2020), https://arxiv.org/abs/1904.00962
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.0
-    eps_root: float = 0.0
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "weight_decay", "eps_root")
-
-    def __post_init__(self) -> None:
-        self._check()
-        if self.betas is not None and not (isinstance(self.betas, tuple) and len(self.betas) == 2):
-            raise TypeError(f"Lamb(betas=...) must be a pair, got {self.betas!r}")
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.999), min=0, below=1)
+    eps: float = hyper(1e-6, min=0)
+    weight_decay: float = hyper(0.0, min=0)
+    eps_root: float = hyper(0.0, min=0)
 
     def init(self, param: Any) -> LambState:
         xp = namespace(param)
@@ -79,7 +74,7 @@ class Lamb(Rule):
         # Bias corrections in the hyper-parameters' precision (beta2 = 0.999 is 1 in bfloat16).
         wide = xp.asarray(beta1).dtype
         b1_wide, b2_wide = scalars(xp, wide, beta1, beta2)
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         t = cast(count, wide)
         mu = c1 * grad + b1 * state.mu
         nu = c2 * abs2(xp, grad) + b2 * state.nu
@@ -122,25 +117,13 @@ class Lars(Rule):
     https://arxiv.org/abs/1708.03888
     """
 
-    lr: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    trust_coefficient: float = 1e-3
-    eps: float = 0.0
+    lr: float = hyper(1.0, min=0)
+    momentum: float = hyper(0.9, min=0)
+    weight_decay: float = hyper(0.0, min=0)
+    trust_coefficient: float = hyper(1e-3, min=0)
+    eps: float = hyper(0.0, min=0)
     _: KW_ONLY
-    nesterov: bool = False
-    hyper_names: ClassVar[tuple[str, ...]] = (
-        "lr",
-        "momentum",
-        "weight_decay",
-        "trust_coefficient",
-        "eps",
-    )
-
-    def __post_init__(self) -> None:
-        self._check()
-        if not isinstance(self.nesterov, bool):
-            raise TypeError(f"Lars(nesterov=...) must be True or False, got {self.nesterov!r}")
+    nesterov: bool = static(False, check=flag)
 
     def init(self, param: Any) -> LarsState:
         return LarsState(namespace(param).zeros_like(param))

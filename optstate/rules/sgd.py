@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 from . import _inplace
 from ._base import Rule, namespace, scalars
+from ._validate import hyper
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,7 @@ class Descent(Rule):
         lr: the learning rate :math:`\eta`.
     """
 
-    lr: float = 0.1
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr",)
-
-    def __post_init__(self) -> None:
-        self._check()
+    lr: float = hyper(0.1, min=0)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
@@ -67,12 +64,8 @@ class Momentum(Rule):
     Reference: Polyak, *Some methods of speeding up the convergence of iteration methods* (1964).
     """
 
-    lr: float = 0.01
-    momentum: float = 0.9
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "momentum")
-
-    def __post_init__(self) -> None:
-        self._check()
+    lr: float = hyper(0.01, min=0)
+    momentum: float = hyper(0.9, min=0)
 
     def init(self, param: Any) -> MomentumState:
         return MomentumState(namespace(param).zeros_like(param))
@@ -108,12 +101,8 @@ class Nesterov(Rule):
     learning* (ICML 2013), after Nesterov (1983).
     """
 
-    lr: float = 0.001
-    momentum: float = 0.9
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "momentum")
-
-    def __post_init__(self) -> None:
-        self._check()
+    lr: float = hyper(0.001, min=0)
+    momentum: float = hyper(0.9, min=0)
 
     def init(self, param: Any) -> MomentumState:
         return MomentumState(namespace(param).zeros_like(param))

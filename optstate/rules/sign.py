@@ -2,44 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
-import jax.numpy as jnp
-import numpy as np
-
-from ._base import Rule, cast, isdtype, namespace, real_dtype, scalars
-
-
-def _moment_dtype(owner: str, dtype: Any) -> Any:
-    """``mu_dtype`` as a NumPy dtype (``None`` stays ``None``), or a TypeError naming the rule."""
-    if dtype is None:
-        return None
-    try:
-        canonical = np.dtype(dtype)
-    except TypeError:
-        canonical = None
-    if canonical is None or not jnp.issubdtype(canonical, jnp.inexact):
-        raise TypeError(
-            f"{owner}(mu_dtype=...) must be a floating or complex dtype (or None for the "
-            f"parameter's own), got {dtype!r}"
-        )
-    return canonical
-
-
-def _init_moment(owner: str, mu_dtype: Any, param: Any) -> Any:
-    xp = namespace(param)
-    if mu_dtype is None:
-        return xp.zeros_like(param)
-    if isdtype(xp, param.dtype, "complex floating") != jnp.issubdtype(
-        mu_dtype, jnp.complexfloating
-    ):
-        raise TypeError(
-            f"{owner}(mu_dtype={mu_dtype.name}) cannot hold the momentum of a {param.dtype} "
-            "parameter: real parameters need a real mu_dtype, complex ones a complex mu_dtype"
-        )
-    return xp.zeros_like(param, dtype=getattr(xp, mu_dtype.name, mu_dtype))
+from ._base import Rule, cast, increment, isdtype, moment_zeros, namespace, real_dtype, scalars
+from ._validate import Hyper, floating_dtype, hyper, static
 
 
 def _wider(a: Any, b: Any) -> Any:
@@ -64,12 +31,6 @@ def _sign(xp: Any, x: Any) -> Any:
     zero = magnitude == 0
     safe = cast(xp.where(zero, xp.ones_like(magnitude), magnitude), x.dtype)
     return xp.where(zero, xp.zeros_like(x), x / safe)
-
-
-def _check_pair(rule: Rule, name: str) -> None:
-    value = getattr(rule, name)
-    if value is not None and not (isinstance(value, tuple) and len(value) == 2):
-        raise TypeError(f"{type(rule).__name__}({name}=...) must be a pair, got {value!r}")
 
 
 class LionState(NamedTuple):
@@ -101,20 +62,14 @@ class Lion(Rule):
     https://arxiv.org/abs/2302.06675
     """
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 1e-3
+    lr: float = hyper(1e-3, min=0)
+    betas: tuple[float, float] = hyper((0.9, 0.99), min=0, max=1)
+    weight_decay: float = hyper(1e-3, min=0)
     _: KW_ONLY
-    mu_dtype: Any = None
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "betas", "weight_decay")
-
-    def __post_init__(self) -> None:
-        self._check()
-        _check_pair(self, "betas")
-        object.__setattr__(self, "mu_dtype", _moment_dtype("Lion", self.mu_dtype))
+    mu_dtype: Any = static(None, check=floating_dtype)
 
     def init(self, param: Any) -> LionState:
-        return LionState(_init_moment("Lion", self.mu_dtype, param))
+        return LionState(moment_zeros(self, self.mu_dtype, param))
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         xp = namespace(grad)
@@ -152,18 +107,13 @@ class Signum(Rule):
     (ICML 2018), https://arxiv.org/abs/1802.04434
     """
 
-    lr: float = 0.01
-    beta: float = 0.9
+    lr: float = hyper(0.01, min=0)
+    beta: float = hyper(0.9, min=0, max=1)
     _: KW_ONLY
-    mu_dtype: Any = None
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "beta")
-
-    def __post_init__(self) -> None:
-        self._check()
-        object.__setattr__(self, "mu_dtype", _moment_dtype("Signum", self.mu_dtype))
+    mu_dtype: Any = static(None, check=floating_dtype)
 
     def init(self, param: Any) -> SignumState:
-        return SignumState(_init_moment("Signum", self.mu_dtype, param))
+        return SignumState(moment_zeros(self, self.mu_dtype, param))
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del param
@@ -188,11 +138,7 @@ class SignDecay(Rule):
     torch.optim has it. The field is named like ``WeightDecay``'s, its L2 counterpart.
     """
 
-    weight_decay: float = 1e-3
-    hyper_names: ClassVar[tuple[str, ...]] = ("weight_decay",)
-
-    def __post_init__(self) -> None:
-        self._check()
+    weight_decay: float = hyper(1e-3, min=0)
 
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         xp = namespace(grad)
@@ -233,26 +179,11 @@ class Rprop(Rule):
     learning: the RPROP algorithm* (IEEE ICNN 1993), https://doi.org/10.1109/ICNN.1993.298623
     """
 
-    lr: float = 1e-2
-    etas: tuple[float, float] = (0.5, 1.2)
-    step_sizes: tuple[float, float] = (1e-6, 50.0)
-    hyper_names: ClassVar[tuple[str, ...]] = ("lr", "etas", "step_sizes")
-
-    def __post_init__(self) -> None:
-        self._check()
-        _check_pair(self, "etas")
-        _check_pair(self, "step_sizes")
-        if isinstance(self.lr, numbers.Real) and self.lr < 0:
-            raise ValueError(f"Rprop(lr=...) must be >= 0, got {self.lr!r}")
-        etas = self.etas
-        if (
-            etas is not None
-            and all(isinstance(e, numbers.Real) for e in etas)
-            and not 0 < etas[0] < 1 < etas[1]
-        ):
-            raise ValueError(
-                f"Rprop(etas=...) must satisfy 0 < etas[0] < 1 < etas[1], got {self.etas!r}"
-            )
+    lr: float = hyper(1e-2, min=0)
+    etas: tuple[float, float] = hyper(
+        (0.5, 1.2), elements=(Hyper(above=0, below=1), Hyper(above=1))
+    )
+    step_sizes: tuple[float, float] = hyper((1e-6, 50.0), min=0)
 
     def init(self, param: Any) -> RpropState:
         xp = namespace(param)
@@ -275,7 +206,7 @@ class Rprop(Rule):
             g = xp.where(s < 0, xp.zeros_like(g), g)
             return g, size, xp.sign(g) * size
 
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         if not isdtype(xp, grad.dtype, "complex floating"):
             prev, size, step = one_part(grad, state.prev, state.step_size)
             return RpropState(prev, size, count), step

@@ -3,10 +3,12 @@ skipping non-finite steps, and a float32 master copy for low-precision parameter
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._base import AcrossParameters, Rule, cast, check_member, finfo, isdtype, namespace, select
+from ._base import AcrossParameters, Rule, cast, finfo, increment, isdtype, namespace, select
+from ._validate import member, positive_int, static
 
 
 class AccumGradState(NamedTuple):
@@ -26,11 +28,7 @@ class AccumGrad(Rule):
     ``AccumGrad`` do. A tied parameter accumulates its summed gradient, once per step.
     """
 
-    n: int = 1
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1):
-            raise ValueError(f"AccumGrad(n=...) must be a positive integer, got {self.n!r}")
+    n: int = static(1, check=positive_int)
 
     def init(self, param: Any) -> AccumGradState:
         xp = namespace(param)
@@ -39,7 +37,7 @@ class AccumGrad(Rule):
     def apply(self, hyper: Any, state: Any, param: Any, grad: Any) -> tuple[Any, Any]:
         del hyper, param
         xp = namespace(grad)
-        count = xp.asarray(state.count + 1)
+        count = increment(state.count)
         total = state.total + grad
         done = count >= self.n
         mean = total / xp.asarray(self.n, dtype=total.dtype)
@@ -68,16 +66,20 @@ class SkipNonFinite(AcrossParameters):
     consecutive skips).
     """
 
-    rule: Rule
-
-    def __post_init__(self) -> None:
-        check_member(self.rule, type(self).__name__)
+    rule: Rule = member()
 
     def hyper(self) -> Any:
         return self.rule.hyper()
 
-    def structure(self) -> SkipNonFinite:
-        return SkipNonFinite(self.rule.structure())
+    def clocks(self) -> Any:
+        return self.rule.clocks()
+
+    def tick(self, clock: Any, before: list[Any], after: list[Any]) -> Any:
+        # A skipped step leaves ``skipped`` one higher: the inner rule did not step, nor its clock.
+        xp = namespace(after[0].skipped)
+        taken = after[0].skipped == before[0].skipped
+        inner = self.rule.tick(clock, [s.inner for s in before], [s.inner for s in after])
+        return select(xp, taken, inner, clock)
 
     def name(self) -> str:
         return f"SkipNonFinite({self.rule.name()})"
@@ -88,11 +90,11 @@ class SkipNonFinite(AcrossParameters):
         )
 
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
         xp = namespace(grads[0])
         finite = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in grads]))
-        inner, steps = self.rule.apply_all(hyper, [s.inner for s in states], params, grads)
+        inner, steps = self.rule.apply_all(hypers, [s.inner for s in states], params, grads)
         skip = xp.astype(xp.logical_not(finite), xp.int32)
         new_states = [
             SkipState(select(xp, finite, n, s.inner), xp.asarray(s.skipped + skip))
@@ -120,17 +122,17 @@ class MixedPrecision(Rule):
     https://arxiv.org/abs/1710.03740
     """
 
-    rule: Rule
-    outermost_only: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        check_member(self.rule, type(self).__name__)
+    rule: Rule = member()
+    outermost: ClassVar[bool] = True
 
     def hyper(self) -> Any:
         return self.rule.hyper()
 
-    def structure(self) -> MixedPrecision:
-        return MixedPrecision(self.rule.structure())
+    def clocks(self) -> Any:
+        return self.rule.clocks()
+
+    def tick(self, clock: Any, before: list[Any], after: list[Any]) -> Any:
+        return self.rule.tick(clock, [s.inner for s in before], [s.inner for s in after])
 
     def name(self) -> str:
         return f"MixedPrecision({self.rule.name()})"
@@ -145,16 +147,16 @@ class MixedPrecision(Rule):
         raise TypeError("MixedPrecision must be the outermost rule, not a member of a chain")
 
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
         raise TypeError("MixedPrecision must be the outermost rule, not a member of a chain")
 
     def update_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
         working = [p if s.master is None else s.master for s, p in zip(states, params, strict=True)]
         grads = [cast(g, w.dtype) for g, w in zip(grads, working, strict=True)]
-        inner, updated = self.rule.update_all(hyper, [s.inner for s in states], working, grads)
+        inner, updated = self.rule.update_all(hypers, [s.inner for s in states], working, grads)
         new_states = [
             MixedPrecisionState(None if s.master is None else u, i)
             for s, u, i in zip(states, updated, inner, strict=True)
