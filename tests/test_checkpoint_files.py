@@ -7,14 +7,21 @@ reads it, and the previous checkpoint's own arrays.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import io
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +152,26 @@ def test_save_checks_everything_before_touching_the_file(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.npz"]
 
 
+def test_save_refuses_a_file_that_load_would_refuse(tmp_path):
+    """``load`` reads no more metadata than the arrays it describes can need, and describes trees
+    level by level: ``save`` refuses, before writing, a model whose metadata would be larger (its
+    20,000 string leaves, which are not arrays, take about 1.8 MB beside three arrays), or one
+    nested deeper than Python's recursion limit."""
+    chatty = {"w": np.ones(3), "notes": ["a note that is not an array"] * 20_000}
+    state = ost.setup(ost.Descent(0.1), chatty)
+    with pytest.raises(
+        ValueError, match=r"metadata would take \d+ bytes, more than load reads beside 3 arrays"
+    ):
+        ost.save(tmp_path / "chatty.npz", state, chatty)
+    deep: Any = np.ones(2)
+    for _ in range(sys.getrecursionlimit() + 10):
+        deep = [deep]
+    state = ost.setup(ost.Descent(0.1), deep)
+    with pytest.raises(ValueError, match=r"nested too deeply for a checkpoint"):
+        ost.save(tmp_path / "deep.npz", state, deep)
+    assert os.listdir(tmp_path) == []
+
+
 # -- files that are not (good) checkpoints -----------------------------------------------------
 
 
@@ -245,3 +272,261 @@ def test_malformed_metadata_is_refused(small):
     rewrite_metadata(path, lambda meta: meta["plan"].pop("slots"))
     with pytest.raises(CheckpointError, match=r"malformed metadata \(KeyError: 'slots'\)"):
         ost.load(path)
+
+
+# -- files made to exhaust memory: every member checked against its record before it is read ----
+# A zip member may be deflated: a few MiB of file can declare GiBs of array. ``load`` compares what
+# the archive declares (each zip entry's uncompressed size, each .npy header) with the metadata's
+# records before it decompresses anything, so such a file is refused at the cost of its headers.
+
+BIG = 2**28  # float64 values: 2 GiB once inflated
+MiB = 2**20
+
+
+def tied_3x4(tmp_path: Path) -> Path:
+    """The issue's case: a valid checkpoint of a 3x4 float64 weight tied to its transpose."""
+    w = np.arange(12.0).reshape(3, 4)
+    model = {"enc": w, "dec": ost.Transpose(w)}
+    return saved(tmp_path, ost.setup(ost.Adam(1e-2), model), model)
+
+
+def members_of(path: Path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as zf:
+        return [(info.filename, zf.read(info)) for info in zf.infolist()]
+
+
+def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    out = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue()
+
+
+@dataclass
+class Entry:
+    """A zip member as it lies in the file: its name, how it is stored, and what it declares."""
+
+    name: str
+    data: bytes  # the bytes in the file (deflated, raw, for ``deflated``)
+    size: int  # the declared uncompressed size
+    crc: int
+    deflated: bool = False
+
+    @classmethod
+    def stored(cls, name: str, data: bytes) -> Entry:
+        return cls(name, data, len(data), zlib.crc32(data))
+
+
+def write_zip(path: Path, entries: list[Entry]) -> None:
+    """A zip archive written by hand (local headers, central directory, end record), so that a
+    member can hold a deflated stream made without inflating it, and names may repeat."""
+    out = bytearray()
+    central = bytearray()
+    for e in entries:
+        name = e.name.encode()
+        method = 8 if e.deflated else 0
+        fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0x21, e.crc, len(e.data), e.size)
+        offset = len(out)
+        out += b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name + e.data
+        central += b"PK\x01\x02" + struct.pack("<H", 20) + fields
+        central += struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, offset)
+        central += name
+    end = struct.pack("<HHHHIIH", 0, 0, len(entries), len(entries), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + b"PK\x05\x06" + end))
+
+
+@functools.cache
+def inflating_npy() -> Entry:
+    """A .npy member declaring ``BIG`` float64 zeros, deflated to about 2 MiB: the zeros are
+    compressed one MiB at a time after a full flush, so the same block repeats."""
+    header = npy_header("<f8", (BIG,))
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = z.compress(header) + z.flush(zlib.Z_FULL_FLUSH)
+    zeros = bytes(MiB)
+    block = z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH)
+    assert z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH) == block  # the history was reset
+    n = BIG * 8 // MiB
+    data = head + block * n + z.flush()
+    crc = zlib.crc32(header)
+    for _ in range(n):
+        crc = zlib.crc32(zeros, crc)
+    assert zlib.decompressobj(-15).decompress(head + block) == header + zeros
+    return Entry("", data, len(header) + BIG * 8, crc, deflated=True)
+
+
+def with_member(path: Path, member: str, entry: Entry) -> None:
+    """Rewrite the checkpoint at ``path`` with ``member`` replaced by ``entry``."""
+    entries = [
+        dataclasses.replace(entry, name=n) if n == member else Entry.stored(n, data)
+        for n, data in members_of(path)
+    ]
+    write_zip(path, entries)
+
+
+LOAD_AND_MEASURE = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    import optstate as ost
+
+    def status(field):  # kB
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+
+    like = None
+    if sys.argv[2] == "like":
+        w = np.zeros((3, 4))
+        model = {"enc": w, "dec": ost.Transpose(w)}
+        like = (ost.setup(ost.Adam(1e-2), model), model)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size starts again from here
+    before = status("VmRSS")
+    start = time.perf_counter()
+    try:
+        ost.load(sys.argv[1], like=like)
+        outcome = "loaded"
+    except ost.checkpoint.CheckpointError as err:
+        outcome = f"{type(err).__name__}: {err}"
+    seconds = time.perf_counter() - start
+    grew = (status("VmHWM") - before) * 1024
+    print(json.dumps({"outcome": outcome, "grew": grew, "seconds": seconds}))
+    """
+)
+
+
+def load_in_child(path: Path, like: bool = False) -> dict[str, Any]:
+    """Load ``path`` in a fresh process; what happened, and by how much its peak resident memory
+    grew during ``load`` (bytes)."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure peak memory")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_MEASURE, str(path), "like" if like else "-"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def test_a_member_that_inflates_past_its_record_is_refused_before_reading(tmp_path):
+    """The case of the issue: one member of a valid checkpoint replaced by a .npy declaring 2 GiB
+    of float64, deflated into 2 MiB. It is refused from the zip entry's declared size, naming the
+    member and its record, while memory grows by a small fraction of 2 GiB."""
+    path = tied_3x4(tmp_path)
+    with_member(path, "model['enc'].npy", inflating_npy())
+    assert path.stat().st_size < 3 * MiB
+    result = load_in_child(path)
+    assert result["outcome"].startswith("CheckpointError: "), result
+    assert re.search(
+        r"model\['enc'\]\.npy declares 2147483776 bytes uncompressed; its record, float64\[3, 4\], "
+        r"takes 96 bytes",
+        result["outcome"],
+    ), result
+    assert result["grew"] < 64 * MiB, result  # inflating it takes 2048 MiB
+
+
+def test_a_record_that_does_not_fit_like_is_refused_before_reading(tmp_path):
+    """A file whose metadata was changed to match the inflating member: a first moment recorded
+    as float64[2**28] with its true CRC-32. With ``like`` it is refused from the record alone,
+    before the member is read (``like``'s moment is float64[3, 4])."""
+    path = tied_3x4(tmp_path)
+    entry = inflating_npy()
+    members = dict(members_of(path))
+    meta = json.loads(members["optstate.json"])
+    [record] = [r for r in meta["arrays"] if r["member"] == "state.states[0].mu.npy"]
+    zeros_crc = 0
+    for _ in range(BIG * 8 // MiB):
+        zeros_crc = zlib.crc32(bytes(MiB), zeros_crc)
+    record.update(shape=[BIG], crc32=zeros_crc)
+    members["optstate.json"] = json.dumps(meta).encode()
+    entries = [
+        dataclasses.replace(entry, name=n) if n == record["member"] else Entry.stored(n, data)
+        for n, data in members.items()
+    ]
+    write_zip(path, entries)
+    result = load_in_child(path, like=True)
+    assert result["outcome"].startswith("CheckpointMismatchError: "), result
+    assert re.search(
+        r"state\.states\[0\]\.mu is float64\[268435456\] in the file, float64\[3, 4\] in like",
+        result["outcome"],
+    ), result
+    assert result["grew"] < 64 * MiB, result
+
+
+def test_a_header_that_disagrees_with_the_record_is_refused(tmp_path):
+    """The zip entry declares the record's size, but the .npy header inside declares 2**28
+    values; then a header that agrees, followed by bytes the record does not account for."""
+    path = tied_3x4(tmp_path)
+    good = dict(members_of(path))["model['enc'].npy"]
+    header = npy_header("<f8", (BIG,))
+    lying = header + good[len(header) :]
+    assert len(lying) == len(good)
+    with_member(path, "model['enc'].npy", Entry.stored("", lying))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\['enc'\]\.npy: its \.npy header declares float64\[268435456\], its record "
+        r"float64\[3, 4\]",
+    ):
+        ost.load(path)
+
+    path = tied_3x4(tmp_path)
+    with_member(path, "model['enc'].npy", Entry.stored("", good + bytes(40)))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\['enc'\]\.npy declares 264 bytes uncompressed, but its \.npy header "
+        r"\(128 bytes\) and its record \(96 bytes\) take 224",
+    ):
+        ost.load(path)
+
+
+def test_unknown_missing_and_duplicate_members_are_refused(tmp_path):
+    path = tied_3x4(tmp_path)
+    members = members_of(path)
+    write_zip(path, [Entry.stored(n, d) for n, d in members] + [Entry.stored("extra.npy", b"x")])
+    with pytest.raises(CheckpointError, match=r"members that its metadata does not record: extra"):
+        ost.load(path)
+
+    kept = [Entry.stored(n, d) for n, d in members if n != "state.step.npy"]
+    write_zip(path, kept)
+    with pytest.raises(
+        CheckpointError, match=r"has no member state\.step\.npy \(state\.step\), which its metadata"
+    ):
+        ost.load(path)
+
+    for name in ["model['enc'].npy", "optstate.json"]:
+        twice = [Entry.stored(n, d) for n, d in members] + [Entry.stored(name, dict(members)[name])]
+        write_zip(path, twice)
+        with pytest.raises(
+            CheckpointError, match=rf"holds two members named {re.escape(name)}: which one"
+        ):
+            ost.load(path)
+
+
+def test_an_over_long_metadata_member_is_refused_before_reading(tmp_path):
+    """Metadata padded with 64 MiB of spaces (still valid JSON), deflated into 64 KiB."""
+    path = tied_3x4(tmp_path)
+    members = dict(members_of(path))
+    padded = members["optstate.json"] + b" " * (64 * MiB)
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = z.compress(padded) + z.flush()
+    entries = [
+        Entry(n, data, len(padded), zlib.crc32(padded), deflated=True)
+        if n == "optstate.json"
+        else Entry.stored(n, d)
+        for n, d in members.items()
+    ]
+    write_zip(path, entries)
+    assert path.stat().st_size < MiB
+    result = load_in_child(path)
+    assert re.search(
+        r"CheckpointError: .*optstate\.json declares 671\d{5} bytes, more than the metadata of "
+        r"9 arrays can take \(at most \d+\)",
+        result["outcome"],
+    ), result
+    assert result["grew"] < 16 * MiB, result
