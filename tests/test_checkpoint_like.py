@@ -7,6 +7,7 @@ References: hand-computed values, and the states and models that were saved.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,37 @@ def test_a_state_for_a_different_rule(small):
         ost.load(path, like=ost.setup(ost.Momentum(0.1), model))
     with pytest.raises(CheckpointMismatchError, match=r"for Adam\(mu_dtype=bfloat16\) in like"):
         ost.load(path, like=ost.setup(ost.Adam(mu_dtype=jnp.bfloat16), model))
+
+
+# Two classes that print alike: a named tuple ``Layer`` of two modules, and the user's own ``Adam``.
+FirstLayer = collections.namedtuple("Layer", ["w", "b"], module="first_package.layers")
+SecondLayer = collections.namedtuple("Layer", ["w", "b"], module="second_package.layers")
+
+
+@dataclass(frozen=True)
+class Adam(ost.Adam):
+    """The user's own Adam, a subclass of optstate's with the same name."""
+
+
+def test_two_classes_of_one_name_are_told_apart(tmp_path):
+    """Where the file and ``like`` have two different classes of the same name, the message shows
+    each with its module, not ``the file has a Layer, like has a Layer``."""
+    w = np.ones((2, 3))
+    model = {"layer": FirstLayer(w, np.zeros(3))}
+    path = saved(tmp_path, ost.setup(ost.Adam(), model), model)
+    other = {"layer": SecondLayer(w, np.zeros(3))}
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"model\['layer'\]: the file has a first_package\.layers\.Layer with fields "
+        r"\['w', 'b'\], like has a second_package\.layers\.Layer with fields",
+    ):
+        ost.load(path, like=(ost.setup(ost.Adam(), other), other))
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"is for optstate\.rules\.adam\.Adam\(\) in the file, for "
+        r"test_checkpoint_like\.Adam\(\) in like",
+    ):
+        ost.load(path, like=ost.setup(Adam(), model))
 
 
 @pytest.mark.parametrize(
