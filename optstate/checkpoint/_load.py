@@ -36,6 +36,12 @@ def _array(reader: Reader, index: int, where: str, target: Any) -> Read:
     of ``like``) if there is one, so that a record that does not fit ``like`` is refused before
     anything is read."""
     r = reader.record(index)
+    if _arrays.is_torch(target) and target.device.type == "meta":
+        raise CheckpointMismatchError(
+            f"{reader.path}: like's {where} is on the meta device, which holds no values: build "
+            "like where the values are to go (module.to_empty(device=...) for a module made on "
+            "the meta device)"
+        )
     if not isinstance(target, Kind) and not matches(r.shape, r.dtype, target):
         raise CheckpointMismatchError(
             f"{reader.path}: {where} is {r.text} in the file, "

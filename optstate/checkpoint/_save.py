@@ -57,10 +57,10 @@ def _model_leaf(x: Any, where: str, entries: _Entries) -> Json:
         return {"key": entries.add(where, data), "impl": str(jax.random.key_impl(x))}
     if isinstance(x, np.generic) and x.dtype.kind in "biufc":
         return {"array": entries.add(where, np.asarray(x)), "scalar": True}
-    if _arrays.has_dtype(x):
-        dtype = numpy_dtype(x.dtype)
-        if dtype is not None and dtype.kind in "biufc":
-            return {"array": entries.add(where, x)}
+    if _arrays.is_torch(x):  # a tensor a file cannot hold is refused, not left to like
+        return {"array": entries.add(where, x)}
+    if _arrays.has_dtype(x) and np.dtype(x.dtype).kind in "biufc":
+        return {"array": entries.add(where, x)}
     if x is None or isinstance(x, bool | int | float | complex | str):
         return {"value": encode(x)}
     return {"opaque": type(x).__qualname__}

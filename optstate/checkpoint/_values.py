@@ -18,6 +18,7 @@ import numpy as np
 
 from ..rules._base import Rule
 from ._codec import CheckpointError, Json, dtype_name, parse_dtype
+from ._kinds import numpy_dtype
 
 
 class OpaqueError(Exception):
@@ -47,6 +48,10 @@ def encode(v: Any) -> Json:
     if isinstance(v, type) and (issubclass(v, np.generic) or hasattr(v, "dtype")):
         form = "jax" if v.__module__.startswith("jax") else "numpy"
         return {"dtype": dtype_name(np.dtype(getattr(v, "dtype", v))), "as": form}
+    if type(v).__module__ == "torch" and type(v).__name__ == "dtype":
+        as_numpy = numpy_dtype(v)
+        if as_numpy is not None:  # without like, a NumPy dtype comes back (as arrays do)
+            return {"dtype": dtype_name(as_numpy), "as": "torch"}
     raise OpaqueError(repr(v))
 
 
