@@ -33,22 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 V, D = 7, 5  # vocabulary, width
 
 
-class TiedLM(nn.Module):
-    """A small language model whose output layer is its input embedding (one Parameter)."""
-
-    def __init__(self, seed: int, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.emb = nn.Embedding(V, D, dtype=dtype)
-        self.mix = nn.Linear(D, D, dtype=dtype)
-        self.head = nn.Linear(D, V, bias=False, dtype=dtype)
-        self.head.weight = self.emb.weight
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.5)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.mix(self.emb(idx))))
+def tied_lm(seed: int, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """A small language model whose output layer (``3.weight``) is its input embedding
+    (``0.weight``): one Parameter under two names."""
+    lm = nn.Sequential(
+        nn.Embedding(V, D, dtype=dtype),
+        nn.Linear(D, D, dtype=dtype),
+        nn.Tanh(),
+        nn.Linear(D, V, bias=False, dtype=dtype),
+    )
+    lm[3].weight = lm[0].weight
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.5)
+    return lm
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,25 +119,25 @@ def test_a_resumed_module_run_equals_the_uninterrupted_run(tmp_path, rule):
     """``update_`` on a tied module: 3 steps, save, load into a freshly built module (another
     initialisation) through ``like``, copy the loaded parameters in, 3 more steps: bit for bit
     the 6 uninterrupted steps, the tie one Parameter throughout."""
-    whole = TiedLM(seed=0)
+    whole = tied_lm(0)
     state = ost.setup(RULES[rule](), whole)
     for i in range(6):
         state, whole = module_step(state, whole, i)
 
-    part = TiedLM(seed=0)
+    part = tied_lm(0)
     part_state = ost.setup(RULES[rule](), part)
     for i in range(3):
         part_state, part = module_step(part_state, part, i)
     path = saved(tmp_path, part_state, part)
 
-    fresh = TiedLM(seed=1)
+    fresh = tied_lm(1)
     loaded, params = ost.load(path, like=(ost.setup(RULES[rule](), fresh), fresh))
     assert sorted(params) == sorted(ost_torch.parameters(fresh))
-    assert params["head.weight"] is params["emb.weight"]
+    assert params["3.weight"] is params["0.weight"]
     assert all(t.requires_grad for t in params.values())
     assert int(loaded.step) == 3
     fresh.load_state_dict(params, strict=False)
-    assert fresh.head.weight is fresh.emb.weight
+    assert fresh[3].weight is fresh[0].weight
     for i in range(3, 6):
         loaded, fresh = module_step(loaded, fresh, i)
     assert_bitwise(ost_torch.parameters(fresh), ost_torch.parameters(whole))
@@ -222,23 +221,21 @@ def test_dtypes_are_exact_and_without_like_come_back_as_numpy(tmp_path):
 
 
 def test_a_file_that_does_not_fit_a_torch_like(tmp_path):
-    """Another dtype in like's module, a like built on the meta device, a like of NumPy arrays:
-    refused before anything is read, naming the path; like unchanged."""
-    module = TiedLM(seed=0)
+    """Another dtype in like's module, a like module on the meta device: refused before
+    anything is read, naming the path; like unchanged."""
+    module = tied_lm(0)
     path = saved(tmp_path, ost.setup(ost.Adam(1e-2), module), module)
-    wide = TiedLM(seed=0, dtype=torch.float64)
+    wide = tied_lm(0, torch.float64)
     before = {k: v.detach().clone() for k, v in ost_torch.parameters(wide).items()}
     with pytest.raises(
-        CheckpointMismatchError, match=r"model\['emb.weight'\] is float32\[7, 5\] in the file, "
+        CheckpointMismatchError, match=r"model\['0.weight'\] is float32\[7, 5\] in the file, "
     ):
         ost.load(path, like=(ost.setup(ost.Adam(1e-2), wide), wide))
     assert_bitwise(ost_torch.parameters(wide), before)
 
     like_state = ost.setup(ost.Adam(1e-2), module)
-    meta = TiedLM(seed=0).to("meta")
-    with pytest.raises(
-        CheckpointMismatchError, match=r"like's model\['emb.weight'\] is on the meta"
-    ):
+    meta = tied_lm(0).to("meta")
+    with pytest.raises(CheckpointMismatchError, match=r"like's model\['0.weight'\] is on the meta"):
         ost.load(path, like=(like_state, meta))
 
 
