@@ -311,6 +311,7 @@ class Entry:
     size: int  # the declared uncompressed size
     crc: int
     deflated: bool = False
+    extent: int | None = None  # the declared compressed size, if not ``len(data)``
 
     @classmethod
     def stored(cls, name: str, data: bytes) -> Entry:
@@ -325,7 +326,8 @@ def write_zip(path: Path, entries: list[Entry]) -> None:
     for e in entries:
         name = e.name.encode()
         method = 8 if e.deflated else 0
-        fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0x21, e.crc, len(e.data), e.size)
+        extent = len(e.data) if e.extent is None else e.extent
+        fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0x21, e.crc, extent, e.size)
         offset = len(out)
         out += b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name + e.data
         central += b"PK\x01\x02" + struct.pack("<H", 20) + fields
@@ -506,6 +508,29 @@ def test_unknown_missing_and_duplicate_members_are_refused(tmp_path):
             CheckpointError, match=rf"holds two members named {re.escape(name)}: which one"
         ):
             ost.load(path)
+
+
+def test_members_that_overlap_or_use_other_compression_are_refused(tmp_path):
+    """A zip can hold one deflated block under many names (entries whose data overlap), and
+    bzip2 reaches ratios far beyond deflate's 1:1032: optstate writes neither, and ``load``
+    refuses both from the zip's directory."""
+    path = tied_3x4(tmp_path)
+    members = members_of(path)
+    entries = [Entry.stored(n, d) for n, d in members]
+    entries[0] = dataclasses.replace(entries[0], extent=len(entries[0].data) + 300)
+    write_zip(path, entries)
+    first, second = members[0][0], members[1][0]
+    with pytest.raises(
+        CheckpointError, match=rf"members {re.escape(first)} and {re.escape(second)} overlap"
+    ):
+        ost.load(path)
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members:
+            method = zipfile.ZIP_BZIP2 if name == "model['enc'].npy" else zipfile.ZIP_STORED
+            zf.writestr(name, data, compress_type=method)
+    with pytest.raises(CheckpointError, match=r"model\['enc'\]\.npy is compressed with method 12"):
+        ost.load(path)
 
 
 def test_an_over_long_metadata_member_is_refused_before_reading(tmp_path):

@@ -2,19 +2,20 @@
 so that a file cannot make ``load`` allocate more than its metadata records.
 
 Reading checks, in this order and before any array is decompressed: the file's first bytes; the
-zip's directory (no name twice, the metadata member present and no larger than the metadata of
-that many arrays can be); the metadata (JSON, format, version); its array records (every member
-recorded, every record's member present); and each member's declared uncompressed size against
-its record (shape times item size, plus a ``.npy`` header), and the archive's total against the
-records' total. Reading an array then checks its ``.npy`` header against its record before its
-data, reads exactly the record's bytes into an array of the record's shape and dtype, and checks
-its CRC-32.
+zip's directory (no name twice, members stored or deflated and not overlapping, the metadata
+member present and no larger than the metadata of that many arrays can be); the metadata (JSON,
+format, version); its array records (every member recorded, every record's member present); and
+each member's declared uncompressed size against its record (shape times item size, plus a
+``.npy`` header), with the archive's total against the records' total. Reading an array then
+checks its ``.npy`` header against its record before its data, reads exactly the record's bytes
+into an array of the record's shape and dtype, and checks their CRC-32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import secrets
@@ -165,6 +166,9 @@ class Reader:
         self.file.close()
 
     def _directory(self) -> dict[str, zipfile.ZipInfo]:
+        """The members by name: each named once, stored or deflated (as NumPy writes them; other
+        methods reach far higher ratios), none overlapping another in the file (a zip that
+        inflates one block under many names)."""
         members: dict[str, zipfile.ZipInfo] = {}
         for info in self.zip.infolist():
             if info.filename in members:
@@ -172,7 +176,20 @@ class Reader:
                     f"{self.path} holds two members named {info.filename}: which one is the "
                     "checkpoint's cannot be told; nothing was loaded"
                 )
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise CheckpointError(
+                    f"{self.path}: member {info.filename} is compressed with method "
+                    f"{info.compress_type}; a checkpoint's members are stored or deflated; "
+                    "nothing was loaded"
+                )
             members[info.filename] = info
+        spans = sorted((i.header_offset, i.compress_size, i.filename) for i in members.values())
+        for (start, size, name), (after, _, other) in itertools.pairwise(spans):
+            if after < start + 30 + size:  # a local header takes 30 bytes and the name
+                raise CheckpointError(
+                    f"{self.path}: members {name} and {other} overlap in the file; nothing was "
+                    "loaded"
+                )
         if META not in members:
             held = [name.removesuffix(".npy") for name in members][:5]
             raise CheckpointError(
