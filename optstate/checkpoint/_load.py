@@ -134,6 +134,21 @@ def load(path: str | os.PathLike[str], like: Any = None) -> Any:
     everything is built before ``load`` returns: an error never leaves a half-loaded state, and
     ``like`` is only read, never changed. See docs/checkpoints.md for the order of the checks.
 
+    Example:
+        >>> import os, tempfile, numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}                       # one parameter, two positions
+        >>> state, model = ost.update(ost.setup(ost.Momentum(0.5), model), model,
+        ...                           {"enc": np.ones(2), "dec": np.ones(2)})
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     ost.save(os.path.join(d, "ckpt.npz"), state, model)
+        ...     fresh = {"enc": np.zeros(2)}
+        ...     fresh["dec"] = fresh["enc"]
+        ...     like = (ost.setup(ost.Momentum(0.5), fresh), fresh)
+        ...     state2, model2 = ost.load(os.path.join(d, "ckpt.npz"), like=like)
+        >>> model2["enc"], model2["dec"] is model2["enc"], int(state2.step)
+        (array([0., 1.]), True, 1)
+
     Raises:
         CheckpointError: not a checkpoint; truncated or corrupted; an archive whose members
             declare more than their records, or members the metadata does not record (or lacks,
