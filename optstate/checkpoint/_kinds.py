@@ -26,7 +26,7 @@ _TORCH_INTEGERS = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
 @functools.cache
 def _from_torch(dtype: Any) -> np.dtype | None:
     """The NumPy (or ml_dtypes) dtype of a torch dtype, ``None`` if it has none of the same
-    width (``complex32``, quantized and bit-packed types)."""
+    width (the raw ``bits`` types, quantized and sub-byte types)."""
     name = str(dtype).removeprefix("torch.")
     if not (dtype.is_floating_point or dtype.is_complex or name in _TORCH_INTEGERS):
         return None
