@@ -190,8 +190,9 @@ def test_leaves_that_are_not_data_come_from_like(tmp_path):
 
 
 def test_adjusted_and_frozen_states_come_back_as_saved(tmp_path):
-    """adjust (a schedule in place of a number, a rule split for one subtree) and freeze change
-    the state after setup; a fresh ``like`` does not have them, the file does."""
+    """adjust (a schedule in place of a number, a variant of the rule group's hyper-parameters
+    for one subtree) and freeze change the state after setup; a fresh ``like`` does not have
+    them, the file does."""
     model = tied_numpy_model()
     state = ost.setup(ost.Adam(1e-2), model)
     state = ost.adjust(state, "dec", lr=ost.schedules.linear(1e-2, 1e-3, 10))
@@ -201,10 +202,50 @@ def test_adjusted_and_frozen_states_come_back_as_saved(tmp_path):
     fresh = tied_numpy_model()
     loaded_state, loaded_model = ost.load(path, like=(ost.setup(ost.Adam(1e-2), fresh), fresh))
     assert loaded_state.plan == state.plan
-    assert len(loaded_state.plan.rules) == 2
+    assert len(loaded_state.plan.rules) == 1
+    assert len(loaded_state.hyper[0]) == 2  # the subtree's own variant
     assert sum(loaded_state.plan.frozen) == 1
     assert_same_arrays(loaded_state, state)
     grads = numpy_grads(model, 2)
     assert_same_arrays(
         ost.update(loaded_state, loaded_model, grads), ost.update(state, model, grads)
     )
+
+
+def test_a_version_1_file_loads():
+    """tests/data/checkpoint_v1.npz was written by optstate 0.1.0 (format version 1, before rule
+    groups had variants and clocks): three steps of a clipped Adam with a schedule on a tied
+    model. It loads as one variant per group with its clocks at the step count, and it continues
+    as the same run made from scratch by this version continues."""
+    path = Path(__file__).parent / "data" / "checkpoint_v1.npz"
+    with np.load(path, allow_pickle=False) as npz:
+        stored = {name: npz[name] for name in npz.files if name != "optstate.json"}
+    w = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]])
+    model = {"enc": w, "dec": ost.Transpose(w), "b": np.array([0.1, -0.2, 0.3])}
+    lr = ost.schedules.piecewise_constant([0.1, 0.01], [2])
+    rule = ost.OptimiserChain(ost.ClipGlobalNorm(5.0), ost.Adam(lr))
+
+    def grads(i):
+        return {
+            "enc": np.full((2, 3), 0.5 + i),
+            "dec": ost.Transpose(np.full((2, 3), 0.25 * i)),
+            "b": np.array([1.0, -1.0, 0.5 * i]),
+        }
+
+    state = ost.setup(rule, model)
+    for i in range(3):
+        state, model = ost.update(state, model, grads(i))
+    fresh = {"enc": np.zeros((2, 3)), "b": np.zeros(3)}
+    fresh["dec"] = ost.Transpose(fresh["enc"])
+    for like in (None, (ost.setup(rule, fresh), fresh)):
+        loaded_state, loaded_model = ost.load(path, like=like)
+        np.testing.assert_array_equal(loaded_model["enc"], stored["model['enc']"])
+        np.testing.assert_array_equal(loaded_state.states[0][1].nu, stored["state.states[0][1].nu"])
+        assert loaded_model["dec"].parent is loaded_model["enc"]
+        assert len(loaded_state.hyper[0]) == 1
+        assert [int(c) for c in loaded_state.clocks[0]] == [3, 3] == [int(loaded_state.step)] * 2
+        assert ost.hyperparams(loaded_state)["b"][1]["lr"] == 0.01
+        assert_same_arrays(loaded_state, state)
+        assert_same_arrays(
+            ost.update(loaded_state, loaded_model, grads(3)), ost.update(state, model, grads(3))
+        )

@@ -104,7 +104,7 @@ def state_tensors(state: ost.State) -> list[Any]:
 
 def chain() -> ost.Rule:
     """Clipping across parameters, decoupled weight decay, and a schedule."""
-    lr = ost.schedules.warmup_cosine(1e-2, 2, 10)
+    lr = ost.schedules.warmup_cosine(1e-2, warmup_steps=2, decay_steps=10)
     return ost.OptimiserChain(ost.ClipGlobalNorm(1.0), ost.AdamW(lr, weight_decay=0.1))
 
 

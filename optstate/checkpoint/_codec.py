@@ -15,8 +15,11 @@ import numpy as np
 
 FORMAT = "optstate.checkpoint"
 """The format name stored in every checkpoint's metadata."""
-VERSION = 1
-"""The format version this optstate writes; it reads every version up to this one."""
+VERSION = 2
+"""The format version this optstate writes; it reads every version up to this one. Version 2
+records each rule group's variants of hyper-parameters and its schedules' clocks; a version 1 file
+reads as one variant per group, with clocks at the state's step count (how version 1 evaluated
+schedules)."""
 META = "optstate.json"  # the metadata member of the archive
 
 Json = Any  # a value of what ``json.loads`` returns

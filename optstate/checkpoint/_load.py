@@ -13,6 +13,7 @@ from .. import _arrays
 from .._state import Plan, State
 from .._update import _check_model, _check_structure, _place
 from .._walk import flatten, unwrap
+from ..schedules import Schedule
 from ..transpose import is_transpose
 from ._archive import Reader, open_checkpoint
 from ._codec import CheckpointError, CheckpointMismatchError, Json
@@ -163,39 +164,124 @@ def load(path: str | os.PathLike[str], like: Any = None) -> Any:
         meta = reader.meta
         plan = _load_plan(reader, meta["plan"], like_state)
         kind = Kind(like_state.step if like_state is not None else None)
-        states, hyper = [], []
+        states = []
         for k, record in enumerate(meta["state"]["states"]):
             like_tree = like_state.states[k] if like_state is not None else _MISSING
             states.append(_tree(reader, record, like_tree, f"state.states[{k}]", kind, True))
-        for r, record in enumerate(meta["state"]["hyper"]):
-            like_tree = _MISSING
-            if like_state is not None:  # the like rule of this rule's first parameter
-                first = plan.groups[r][0]
-                like_tree = like_state.hyper[like_state.plan.param_rules[first]]
-            hyper.append(_tree(reader, record, like_tree, f"state.hyper[{r}]", kind, False))
         step_like = like_state.step if like_state is not None else kind
         step = _array(reader, meta["state"]["step"], "state.step", step_like)
-        if len(states) != len(plan.params) or len(hyper) != len(plan.rules):
+        hyper = _hyper(reader, plan, like_state, kind)
+        clocks = _clocks(reader, plan, like_state, kind, step)
+        if len(states) != len(plan.params):
             raise CheckpointError(f"{path}: the state does not match its own tie plan")
         model = None
         if meta["model"] is not None:
             model = _model(reader, meta["model"], plan, like_model, kind)
         # Every record has been checked: now the arrays are read.
-        state = State([s(reader) for s in states], [h(reader) for h in hyper], step(reader), plan)
+        state = State(
+            [s(reader) for s in states],
+            [tuple(v(reader) for v in variants) for variants in hyper],
+            [c(reader) for c in clocks],
+            step(reader),
+            plan,
+        )
         return state if model is None else (state, model(reader))
+
+
+def _hyper(reader: Reader, plan: Plan, like_state: State | None, kind: Kind) -> list[list[Read]]:
+    """Each rule group's variants of hyper-parameters (one per group in a version 1 file), checked
+    against the plan: every parameter's variant is one of its group's."""
+    records = reader.meta["state"]["hyper"]
+    if reader.meta["version"] < 2:
+        records = [[record] for record in records]
+    if len(records) != len(plan.rules) or any(
+        not isinstance(variants, list) or not variants for variants in records
+    ):
+        raise CheckpointError(f"{reader.path}: the hyper-parameters do not match the tie plan")
+    for k, (r, v) in enumerate(zip(plan.param_rules, plan.param_variants, strict=True)):
+        if r >= 0 and not 0 <= v < len(records[r]):
+            raise CheckpointError(
+                f"{reader.path}: parameter {k} uses variant {v} of its rule group's "
+                f"hyper-parameters, which has {len(records[r])}"
+            )
+    out = []
+    for r, variants in enumerate(records):
+        like_tree = _MISSING  # version 1: the file's trees (other step dtypes), like's kind
+        if like_state is not None and reader.meta["version"] >= 2:  # like's group's first variant
+            like_tree = like_state.hyper[like_state.plan.param_rules[plan.groups[r][0]]][0]
+        reads = [
+            _tree(reader, record, like_tree, f"state.hyper[{r}][{v}]", kind, False)
+            for v, record in enumerate(variants)
+        ]
+        if reader.meta["version"] < 2:
+            reads = [_integer_steps(read) for read in reads]
+        out.append(reads)
+    return out
+
+
+def _integer_steps(read: Read) -> Read:
+    """A version 1 tree of hyper-parameters, its schedules' step counts made int32 as version 2
+    keeps them (version 1 stored them as floats)."""
+
+    def steps(value: Any) -> Any:
+        return _arrays.namespace(value).astype(value, _arrays.namespace(value).int32)
+
+    def convert(leaf: Any) -> Any:
+        return leaf.map_numbers(lambda v: v, steps) if isinstance(leaf, Schedule) else leaf
+
+    def reread(reader: Reader) -> Any:
+        tree = read(reader)
+        return jax.tree_util.tree_map(convert, tree, is_leaf=lambda x: isinstance(x, Schedule))
+
+    return reread
+
+
+def _clocks(
+    reader: Reader, plan: Plan, like_state: State | None, kind: Kind, step: Read
+) -> list[Read]:
+    """Each rule group's schedule clocks; for a version 1 file, the step count (version 1
+    evaluated every schedule at it)."""
+    if reader.meta["version"] < 2:
+        return [_copies(rule.clocks(), step) for rule in plan.rules]
+    records = reader.meta["state"].get("clocks")
+    if not isinstance(records, list) or len(records) != len(plan.rules):
+        raise CheckpointError(f"{reader.path}: the clocks do not match the tie plan")
+    out = []
+    for r, record in enumerate(records):
+        like_tree = _MISSING
+        if like_state is not None:
+            like_tree = like_state.clocks[like_state.plan.param_rules[plan.groups[r][0]]]
+        out.append(_tree(reader, record, like_tree, f"state.clocks[{r}]", kind, True))
+    return out
+
+
+def _copies(shape: Any, step: Read) -> Read:
+    """A clock tree of ``shape`` holding copies of the step count (no array twice in a state,
+    which donation would refuse)."""
+
+    def read(reader: Reader) -> Any:
+        count = step(reader)
+        xp = _arrays.namespace(count)
+        return jax.tree_util.tree_map(lambda _: xp.asarray(count, copy=True), shape)
+
+    return read
 
 
 def _load_plan(reader: Reader, file_plan: Json, like_state: State | None) -> Plan:
     file_slots, file_params = slots(file_plan), params(file_plan)
     param_rules = tuple(int(r) for r in file_plan["param_rules"])
     frozen = tuple(bool(f) for f in file_plan["frozen"])
+    default = [0 if r >= 0 else -1 for r in param_rules]  # version 1: one variant per group
+    variants = tuple(int(v) for v in file_plan.get("param_variants", default))
+    if len(variants) != len(param_rules):
+        raise CheckpointError(f"{reader.path}: a variant per parameter is missing from the plan")
     if like_state is None:
         try:
             structure = treedef(file_plan["tree"], "model", is_transpose)
             rules = tuple(build_rule(r) for r in file_plan["rules"])
         except OpaqueError as err:
             raise needs_like(err) from None
-        return Plan(structure, file_slots, file_params, rules, param_rules, frozen)
+        return Plan(structure, file_slots, file_params, rules, param_rules, frozen, variants)
     like_plan = like_state.plan
     compare_plans(reader.path, file_plan, plan_meta(like_plan))
     # Rules come from like (the same structures, checked above), grouped as in the file.
@@ -207,11 +293,21 @@ def _load_plan(reader: Reader, file_plan: Json, like_state: State | None) -> Pla
     )
     # Parameters as in the file too (see ``like_params``).
     file_params = like_params(file_params, like_plan)
-    saved = (file_params, rules, param_rules, frozen)
-    if saved == (like_plan.params, like_plan.rules, like_plan.param_rules, like_plan.frozen):
+    saved = (file_params, rules, param_rules, frozen, variants)
+    if saved == (
+        like_plan.params,
+        like_plan.rules,
+        like_plan.param_rules,
+        like_plan.frozen,
+        like_plan.param_variants,
+    ):
         return like_plan
     return like_plan.replace(
-        params=file_params, rules=rules, param_rules=param_rules, frozen=frozen
+        params=file_params,
+        rules=rules,
+        param_rules=param_rules,
+        frozen=frozen,
+        param_variants=variants,
     )
 
 

@@ -35,6 +35,7 @@ def plan_meta(plan: Plan) -> Json:
         "rules": [rule_desc(r) for r in plan.rules],
         "param_rules": list(plan.param_rules),
         "frozen": list(plan.frozen),
+        "param_variants": list(plan.param_variants),
     }
 
 

@@ -129,7 +129,11 @@ def _meta(state: State, model: Any, entries: _Entries) -> dict[str, Json]:
         "plan": plan_meta(plan),
         "state": {
             "states": [entries.tree(s, f"state.states[{k}]") for k, s in enumerate(state.states)],
-            "hyper": [entries.tree(h, f"state.hyper[{r}]") for r, h in enumerate(state.hyper)],
+            "hyper": [
+                [entries.tree(h, f"state.hyper[{r}][{v}]") for v, h in enumerate(variants)]
+                for r, variants in enumerate(state.hyper)
+            ],
+            "clocks": [entries.tree(c, f"state.clocks[{r}]") for r, c in enumerate(state.clocks)],
             "step": entries.add("state.step", state.step),
         },
         "model": None if model is None else _model_meta(plan, model, entries),
