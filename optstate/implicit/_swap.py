@@ -1,208 +1,59 @@
-"""Where implicit-style code keeps its parameters, and putting traced values there for a while.
+"""Putting traced values where the loss reads the parameters, for one call, and back.
 
-``implicit.gradient`` differentiates a zero-argument loss closure: it must put a traced value at
-every place the loss can read a parameter (the model's containers, the closure's variables, the
-globals its code names) and put the original arrays back afterwards, also when the loss raises.
-This module walks those places and does the swapping; ``implicit`` decides what is a parameter.
+``implicit.gradient`` calls the loss with one traced value per parameter at every place the loss
+can read it (the places ``_objects.Graph`` finds) and puts the original arrays back afterwards,
+also when the loss raises. Mutable places are written in place; an immutable pytree (a tuple, a
+frozen pytree) is rebuilt and written into its own place. A place that holds a parameter but can
+be neither written nor rebuilt is refused, naming it: a partial gradient is never returned.
+
+A jitted function whose Python function reads a parameter from its closure or globals is
+replaced, for the call, by that Python function: under ``jit`` the traced value would be frozen
+into jit's cache (and a value cached before would stand for the parameter, silently).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import types
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import jax
+from .. import _arrays
+from .._arrays import Perm
+from .._walk import unwrap
+from ..transpose import is_transpose
+from ._objects import Graph, Node, Place, Undo, is_array, is_compiled
 
-from . import _arrays
-from ._arrays import Perm
-from ._walk import unwrap
-from .transpose import is_transpose
-
-
-class Hit(NamedTuple):
-    """How an object sits on a parameter: it is ``wrap(permute(base, perm), depth)``."""
-
-    param: int
-    perm: Perm
-    depth: int
-
-
-# -- walking a model: pytree nodes, and the attributes of plain objects ------------------------
-
-_OPAQUE = (
-    type,
-    types.ModuleType,
-    types.FunctionType,
-    types.BuiltinFunctionType,
-    types.MethodType,
-    functools.partial,
-)
-
-
-def is_array(x: Any) -> bool:
-    return _arrays.is_numpy(x) or _arrays.is_jax(x)
-
-
-def pytree_children(node: Any) -> tuple[list[tuple[str, Any, Any]], Any] | None:
-    """A pytree node's children as ``(key string, key, child)`` and its one-level structure;
-    ``None`` for anything JAX treats as a leaf."""
-    if is_transpose(node) or is_array(node):
-        return None
-    keyed, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda c: c is not node)
-    if len(keyed) == 1 and keyed[0][1] is node:
-        return None
-    children = [(jax.tree_util.keystr(path), path[0], child) for path, child in keyed]
-    return children, treedef
-
-
-def plain_object(node: Any) -> bool:
-    """An instance of a user class that JAX does not flatten: walked through its attributes."""
-    return (
-        hasattr(node, "__dict__")
-        and not isinstance(node, _OPAQUE)
-        and not is_array(node)
-        and not isinstance(node, jax.core.Tracer)
-    )
-
-
-def leaves(root: Any) -> list[tuple[str, Any, bool]]:
-    """Every array or ``Transpose`` in ``root`` as ``(path, leaf, in_pytree)``, in walk order."""
-    out: list[tuple[str, Any, bool]] = []
-    seen: set[int] = set()  # plain objects, walked once (they may refer back to their owner)
-
-    def visit(node: Any, path: str, in_pytree: bool) -> None:
-        kids = pytree_children(node)
-        if kids is not None:
-            for key, _, child in kids[0]:
-                visit(child, path + key, in_pytree)
-        elif is_transpose(node) or is_array(node):
-            out.append((path, node, in_pytree))
-        elif plain_object(node) and id(node) not in seen:
-            seen.add(id(node))
-            for name, child in list(vars(node).items()):
-                visit(child, f"{path}.{name}", False)
-
-    visit(root, "model", True)
-    return out
-
-
-# -- what a loss function reaches, and substituting traced values there -----------------------
-
-
-class Binding(NamedTuple):
-    name: str
-    value: Any
-    set: Callable[[Any], None]
-
-
-def code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= code_names(const)
-    return names
-
-
-def reach(loss_fn: Callable[[], Any]) -> list[Binding]:
-    """The variables ``loss_fn`` can read: its closure cells and the globals its code names,
-    following the functions it reaches that live in the same module (its helpers)."""
-    bindings: dict[tuple[int, str], Binding] = {}
-    home: Any = None
-    todo: list[Any] = [loss_fn]
-    seen: set[int] = set()
-    while todo:
-        f = todo.pop()
-        if id(f) in seen:
-            continue
-        seen.add(id(f))
-        if isinstance(f, functools.partial):
-            todo.append(f.func)
-            continue
-        if isinstance(f, types.MethodType):
-            todo.append(f.__func__)
-            continue
-        if not isinstance(f, types.FunctionType):
-            call = inspect.getattr_static(type(f), "__call__", None)  # a callable object
-            if isinstance(call, types.FunctionType):
-                todo.append(call)
-            continue
-        if home is None:
-            home = f.__globals__
-        elif f.__globals__ is not home:
-            continue  # another module's function: its variables are its own business
-        for name, cell in zip(f.__code__.co_freevars, f.__closure__ or (), strict=True):
-            try:
-                value = cell.cell_contents
-            except ValueError:  # a variable not assigned yet
-                continue
-            bindings[id(cell), name] = Binding(name, value, functools.partial(set_cell, cell))
-            todo.append(value)
-        for name in code_names(f.__code__):
-            if name in home:
-                value = home[name]
-                setter = functools.partial(home.__setitem__, name)
-                bindings[id(home), name] = Binding(name, value, setter)
-                todo.append(value)
-    # Objects the loss holds (a callable object, a bound method's self, partial's arguments):
-    return [*held(loss_fn), *bindings.values()]
-
-
-def held(f: Any) -> list[Binding]:
-    """Objects held by ``f`` itself that its code reads: swapped in place, never rebound."""
-
-    def fixed(name: str, value: Any) -> Binding:
-        return Binding(name, value, functools.partial(cannot_rebind, name))
-
-    if isinstance(f, functools.partial):
-        args = [fixed(f"partial argument {i}", a) for i, a in enumerate(f.args)]
-        kwargs = [fixed(f"partial argument {k}", v) for k, v in f.keywords.items()]
-        return [*args, *kwargs, *held(f.func)]
-    if isinstance(f, types.MethodType):
-        return [fixed("self", f.__self__)]
-    if not isinstance(f, types.FunctionType):
-        return [fixed("the loss object", f)]
-    return []
-
-
-def set_cell(cell: Any, value: Any) -> None:
-    cell.cell_contents = value
-
-
-def cannot_rebind(name: str, value: Any) -> None:
-    del value
-    raise TypeError(
-        f"gradient cannot substitute the parameter in {name}: it is immutable and held where it "
-        "cannot be replaced; keep parameters in lists, dicts or objects with attributes"
-    )
+if TYPE_CHECKING:
+    from ._params import Hit
 
 
 class Swapper:
     """Puts traced values where the parameters are, remembering how to put the originals back.
 
-    Mutable containers are written in place; an immutable one (a tuple, a frozen pytree) is
-    rebuilt, and the rebuilt one is written into its parent (or the variable holding it).
+    ``resolve(x)`` tells how ``x`` sits on a parameter (``None``: it is no parameter);
+    ``overlap(x)`` names the parameter whose memory a NumPy array ``x`` shares without being
+    the parameter or a transpose view of it (a slice), if any.
     """
 
-    def __init__(self, ps: Any, values: Sequence[Any]) -> None:
-        # ``ps`` is an ``implicit.Params``: it tells which objects are parameters (``_resolve``)
-        self.ps = ps
+    def __init__(
+        self,
+        resolve: Callable[[Any], Hit | None],
+        overlap: Callable[[Any], str | None],
+        values: Sequence[Any],
+        graph: Graph,
+    ) -> None:
+        self.resolve = resolve
+        self.overlap = overlap
         self.values = values
+        self.graph = graph
         self.views: dict[tuple[int, Perm], Any] = {}
+        self.traced = {id(v) for v in values}  # the traced values and views put in place
         self.memo: dict[int, tuple[Any, Any]] = {}  # id(node) -> (node, what it became)
-        self.undo: list[Callable[[], None]] = []
+        self.reaching: dict[int, bool] = {}
+        self.undo: list[Undo] = []
 
     def restore(self) -> None:
         while self.undo:
             self.undo.pop()()
-
-    def rebind(self, binding: Binding) -> None:
-        new = self.swap(binding.value, binding.name)
-        if new is not binding.value:
-            binding.set(new)
-            self.undo.append(functools.partial(binding.set, binding.value))
 
     def swap(self, node: Any, path: str) -> Any:
         """``node`` with the parameters in it traced: ``node`` itself if changed in place."""
@@ -214,34 +65,56 @@ class Swapper:
         self.memo[id(node)] = (node, new)
         return new
 
-    def _traced(self, hit: Hit) -> Any:
-        key = (hit.param, hit.perm)
-        if key not in self.views:
-            self.views[key] = _arrays.permute(self.values[hit.param], hit.perm)
-        return self.views[key]
-
     def _swap(self, node: Any, path: str) -> Any:
         if is_transpose(node) or is_array(node):
             return self._swap_array(node, path)
-        kids = pytree_children(node)
-        if kids is not None:
-            return self._swap_pytree(node, path, *kids)
-        if plain_object(node):
-            for name, child in list(vars(node).items()):
-                new = self.swap(child, f"{path}.{name}")
-                if new is not child:
-                    self._setattr(node, name, new, f"{path}.{name}")
-        return node
+        if is_compiled(node):
+            reads = self._reaches(node.__wrapped__)  # before its places are swapped
+            inner = self.swap(node.__wrapped__, f"{path}<wrapped>")
+            return inner if reads else node  # its Python function, while the loss runs
+        found = self.graph.node(node, path)
+        if found is None:
+            return node
+        new = [self.swap(place.value, place.path) for place in found.places]
+        changed = [i for i, place in enumerate(found.places) if new[i] is not place.value]
+        return self._write(node, found, new, changed) if changed else node
+
+    def _write(self, node: Any, found: Node, new: list[Any], changed: list[int]) -> Any:
+        """``node`` with the new values at its changed places: written in place where every
+        one can be, else rebuilt (rolling back what was written)."""
+        places = found.places
+        if all(places[i].put is not None for i in changed):
+            mark = len(self.undo)
+            try:
+                for i in changed:
+                    put = places[i].put
+                    assert put is not None
+                    self.undo.append(put(new[i]))
+                return node
+            except TypeError:
+                if found.rebuild is None:
+                    raise
+                while len(self.undo) > mark:
+                    self.undo.pop()()
+        if found.rebuild is not None:
+            return found.rebuild(new)
+        raise _cannot(next(places[i] for i in changed if places[i].put is None), found.fixed)
+
+    def _traced(self, hit: Hit) -> Any:
+        key = (hit.param, hit.perm)
+        if key not in self.views:
+            self.views[key] = view = _arrays.permute(self.values[hit.param], hit.perm)
+            self.traced.add(id(view))
+        return self.views[key]
 
     def _swap_array(self, node: Any, path: str) -> Any:
-        hit = self.ps._resolve(node)
+        hit = self.resolve(node)
         if hit is None:
-            k = self.ps._overlapped(unwrap(node)[0])
-            if k is not None:
+            owner = self.overlap(unwrap(node)[0])
+            if owner is not None:
                 raise TypeError(
-                    f"{path} is a slice or reshape of the parameter at "
-                    f"{self.ps._positions[k][0].path}; gradient cannot trace it. Compute it "
-                    "from the parameter inside the loss"
+                    f"{path} is a slice or reshape of the parameter at {owner}; gradient cannot "
+                    "trace it. Compute it from the parameter inside the loss"
                 )
             return node
         value = self._traced(hit)
@@ -250,49 +123,48 @@ class Swapper:
         inner = node
         while is_transpose(inner.parent):
             inner = inner.parent
-        self.undo.append(functools.partial(setattr, inner, "parent", inner.parent))
+        old = inner.parent
+        self.undo.append(lambda: setattr(inner, "parent", old))
         inner.parent = value  # the node itself: whoever holds it sees the traced value
         return node
 
-    def _swap_pytree(
-        self, node: Any, path: str, children: list[tuple[str, Any, Any]], treedef: Any
-    ) -> Any:
-        new = [self.swap(child, path + name) for name, _, child in children]
-        changed = [
-            i for i, (c, (_, _, old)) in enumerate(zip(new, children, strict=True)) if c is not old
-        ]
-        if not changed:
-            return node
-        if isinstance(node, dict | list):
-            for i in changed:
-                _, key, old = children[i]
-                item = key.key if isinstance(node, dict) else key.idx
-                node[item] = new[i]
-                self.undo.append(functools.partial(node.__setitem__, item, old))
-            return node
-        attrs = [getattr(children[i][1], "name", None) for i in changed]
-        if all(
-            isinstance(a, str) and getattr(node, a, None) is children[i][2]
-            for a, i in zip(attrs, changed, strict=True)
-        ):
-            mark = len(self.undo)
-            try:
-                for a, i in zip(attrs, changed, strict=True):
-                    self._setattr(node, str(a), new[i], path)
-                return node
-            except TypeError:  # frozen: rebuild it instead
-                while len(self.undo) > mark:
-                    self.undo.pop()()
-        return treedef.unflatten(new)
+    def _reaches(self, start: Any) -> bool:
+        """Whether a parameter (or a traced value already put in place) can be read from
+        ``start``: its places, theirs, and so on."""
+        if id(start) not in self.reaching:
+            self.reaching[id(start)] = self._search(start)
+        return self.reaching[id(start)]
 
-    def _setattr(self, node: Any, name: str, value: Any, path: str) -> None:
-        old = getattr(node, name)
-        try:
-            setattr(node, name, value)
-        except (AttributeError, TypeError) as err:
-            raise TypeError(
-                f"gradient cannot substitute the parameter at {path}: {type(node).__name__} "
-                f"does not allow setting .{name} ({err}); keep parameters in lists, dicts or "
-                "objects with settable attributes"
-            ) from err
-        self.undo.append(functools.partial(setattr, node, name, old))
+    def _search(self, start: Any) -> bool:
+        seen: set[int] = set()
+        todo = [start]
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if is_transpose(node) or is_array(node):
+                base = unwrap(node)[0]
+                if id(base) in self.traced or self.resolve(node) is not None:
+                    return True
+                continue
+            found = self.graph.node(node, "")
+            if found is not None:
+                todo.extend(place.value for place in found.places)
+        return False
+
+
+def _cannot(place: Place, why: str) -> TypeError:
+    if is_compiled(place.value):
+        return TypeError(
+            f"gradient cannot run the jitted function at {place.path}: it reads a parameter "
+            "from its closure or globals, and jit would freeze the value it reads into its "
+            "cache (the gradient through it would be lost), but it is held where it cannot be "
+            f"replaced by its Python function for the call ({why}). Pass the parameters to it "
+            "as arguments (helper(model['w'], x)), or hold it in a variable, list, dict or "
+            "attribute"
+        )
+    return TypeError(
+        f"gradient cannot substitute the parameter at {place.path}: {why}. Keep parameters in "
+        "lists, dicts, pytrees or objects with settable attributes"
+    )
