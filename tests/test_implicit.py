@@ -877,27 +877,71 @@ def test_a_jitted_helper_given_the_parameters_as_arguments_stays_compiled() -> N
     assert len(runs) == 1
 
 
-class WithStaticHelper:
+SHARED: dict[str, Any] = {}
+
+
+def _read_shared() -> jax.Array:
+    return jnp.sum(SHARED["w"] ** 2)
+
+
+class WithHelpers:
+    """Jitted helpers reading the global SHARED, held by a class in three ways."""
+
     def __init__(self, w: Any) -> None:
         self.w = w
+        self.bound = jax.jit(self.read)  # a jitted bound method
 
-    helper = staticmethod(jax.jit(lambda: jnp.sum(SHARED["w"] ** 2)))
+    static = staticmethod(jax.jit(_read_shared))
+    attribute = jax.jit(lambda self: _read_shared(), static_argnums=0)  # a jitted method
+
+    def read(self) -> jax.Array:
+        return _read_shared()
 
 
-SHARED: dict[str, Any] = {}
+@pytest.mark.parametrize("helper", ["static", "attribute", "bound"])
+def test_jitted_helpers_held_by_a_class_or_an_object(helper: str) -> None:
+    """loss = sum(w) + sum(w²) through the helper: gradient 1 + 2w (jax.grad)."""
+    w = jnp.asarray([1.0, 2.0])
+    SHARED["w"] = w
+    net = WithHelpers(w)
+    close(getattr(net, helper)(), 5.0)  # compiled before, with the array as a constant
+    grads = implicit.gradient(
+        lambda: jnp.sum(net.w) + getattr(net, helper)(), implicit.params(SHARED)
+    )
+    close(grads[w], jax.grad(lambda v: jnp.sum(v) + jnp.sum(v**2))(w))
+    assert SHARED["w"] is w
+    assert isinstance(vars(WithHelpers)["static"], staticmethod)
+    close(getattr(net, helper)(), 5.0)  # jit's cache is clean
 
 
 def test_a_jitted_helper_that_cannot_be_swapped_is_refused_with_the_remedy() -> None:
     w = jnp.asarray([1.0, 2.0])
     SHARED["w"] = w
-    net = WithStaticHelper(w)
-    with pytest.raises(
-        TypeError,
-        match=r"jitted function at WithStaticHelper.helper.*Pass the parameters to it as arguments",
-    ):
-        implicit.gradient(lambda: jnp.sum(net.w) + net.helper(), implicit.params(SHARED))
+    helpers = Pair((jax.jit(_read_shared),))  # a tuple JAX does not flatten: cannot be rebuilt
+    remedy = r"jitted function at helpers\[0\].*Pass the parameters to it as arguments"
+    with pytest.raises(TypeError, match=remedy):
+        implicit.gradient(lambda: helpers[0](), implicit.params(SHARED))
     assert SHARED["w"] is w
-    close(net.helper(), 5.0)  # jit's cache is clean
+    close(helpers[0](), 5.0)  # jit's cache is clean
+
+
+def test_a_library_object_refusing_a_substitution_is_named() -> None:
+    """An object whose __setattr__ raises its own error: ours names the place."""
+
+    class Locked:
+        def __init__(self, w: Any) -> None:
+            object.__setattr__(self, "w", w)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            raise RuntimeError("locked")
+
+    w = jnp.asarray(W_TWICE)
+    locked = Locked(w)
+    model = {"w": w}
+    with pytest.raises(TypeError, match=r"cannot substitute the parameter at locked\.w.*locked"):
+        implicit.gradient(lambda: jnp.sum(model["w"] * locked.w), implicit.params(model))
+    assert locked.w is w
+    assert model["w"] is w
 
 
 # -- the loss's type ---------------------------------------------------------------------------

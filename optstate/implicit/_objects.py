@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import sys
 import sysconfig
 import types
@@ -82,12 +81,10 @@ def is_array(x: Any) -> bool:
 def is_compiled(x: Any) -> bool:
     """A jitted function (``jax.jit``, ``equinox.filter_jit``, ``nnx.jit``): it caches what it
     traced, so a value it reads from its closure is frozen into its cache."""
-    return (
-        callable(x)
-        and not isinstance(x, type)
-        and inspect.getattr_static(x, "lower", None) is not None
-        and inspect.getattr_static(x, "__wrapped__", None) is not None
-    )
+    kind = type(x)
+    if isinstance(x, type) or not (callable(x) and hasattr(kind, "lower")):
+        return False
+    return hasattr(kind, "__wrapped__") or "__wrapped__" in (_instance_dict(x) or {})
 
 
 @functools.cache
@@ -139,12 +136,13 @@ def _set_item(container: Any, key: Any, setitem: Callable[[Any, Any, Any], None]
     return put
 
 
-def _set_attr(obj: Any, name: str, path: str, frozen_too: bool = True) -> Put:
-    """Sets an attribute; ``frozen_too``: also of a frozen dataclass, as its own ``__init__``
-    does (for a pytree, which can be rebuilt instead, a refusal is a ``TypeError``)."""
+def _set_attr(obj: Any, name: str, old: Any, path: str, frozen_too: bool = True) -> Put:
+    """Sets an attribute whose stored value is ``old`` (as stored: for a class, the
+    staticmethod, not the function it gives); ``frozen_too``: also of a frozen dataclass, as its
+    own ``__init__`` does (for a pytree, which can be rebuilt instead, a refusal is a
+    ``TypeError``)."""
 
     def put(value: Any) -> Undo:
-        old = getattr(obj, name)
         try:
             setattr(obj, name, value)
             return functools.partial(setattr, obj, name, old)
@@ -153,11 +151,12 @@ def _set_attr(obj: Any, name: str, path: str, frozen_too: bool = True) -> Put:
                 raise TypeError(str(err)) from err
             object.__setattr__(obj, name, value)
             return functools.partial(object.__setattr__, obj, name, old)
-        except (AttributeError, TypeError) as err:
+        except Exception as err:  # AttributeError, TypeError, a library's own refusal
             raise TypeError(
                 f"gradient cannot substitute the parameter at {path}: {type(obj).__name__} "
-                f"does not allow setting .{name} ({err}); keep parameters in lists, dicts or "
-                "objects with settable attributes"
+                f"does not allow setting .{name} ({type(err).__name__}: {err}); keep "
+                "parameters in lists, dicts, pytrees or objects with settable attributes, or "
+                "differentiate explicitly (jax.grad of a function of the model)"
             ) from err
 
     return put
@@ -286,7 +285,7 @@ class Graph:
             put = _set_item(f.__kwdefaults__, name, dict.__setitem__)
             yield Place(_inner(path, "default", name), value, put)
         for name, value in vars(f).items():  # __wrapped__, and attributes set on the function
-            yield Place(f"{path}.{name}", value, _set_attr(f, name, path))
+            yield Place(f"{path}.{name}", value, _set_attr(f, name, value, path))
         g = f.__globals__
         if self.code and (g is self.home or not is_library(g.get("__name__"))):
             for name in sorted(names & g.keys()):
@@ -301,14 +300,15 @@ class Graph:
             return
         for name in sorted(names & vars(value).keys()):
             where = f"{value.__name__}.{name}"
-            yield Place(where, vars(value)[name], _set_attr(value, name, where))
+            held = vars(value)[name]
+            yield Place(where, held, _set_attr(value, name, held, where))
 
     def _class(self, cls: type, path: str) -> Node | None:
         if not self.code or is_library(cls.__module__):
             return None
         return Node(
             [
-                Place(f"{path}.{name}", value, _set_attr(cls, name, f"{path}.{name}"))
+                Place(f"{path}.{name}", value, _set_attr(cls, name, value, f"{path}.{name}"))
                 for name, value in vars(cls).items()
                 if name not in ("__dict__", "__weakref__")
             ]
@@ -319,7 +319,7 @@ class Graph:
         attrs = dict(_slots(obj))
         attrs.update(_instance_dict(obj) or {})
         places = [
-            Place(f"{path}.{n}", v, _set_attr(obj, n, f"{path}.{n}")) for n, v in attrs.items()
+            Place(f"{path}.{n}", v, _set_attr(obj, n, v, f"{path}.{n}")) for n, v in attrs.items()
         ]
         if self.code:  # class attributes, and the methods that may read globals
             mine = [k for k in type(obj).__mro__ if not is_library(k.__module__)]
@@ -345,35 +345,34 @@ def _pytree(node: Any, path: str, children: list[tuple[str, Any, Any]], treedef:
         elif isinstance(node, list):
             put = _set_item(node, key.idx, list.__setitem__)
         elif isinstance(getattr(key, "name", None), str) and getattr(node, key.name) is child:
-            put = _set_attr(node, key.name, path + name, frozen_too=False)
+            put = _set_attr(node, key.name, child, path + name, frozen_too=False)
         places.append(Place(path + name, child, put))
     return Node(places, treedef.unflatten, pytree=True)
 
 
 def _callable_places(node: Any, path: str) -> Node | None:
-    """A bound method, partial, staticmethod, classmethod or property: what it calls."""
+    """A bound method, partial, staticmethod, classmethod or property: what it calls. The
+    first, third and fourth are immutable and rebuilt (a bound method of a rebuilt object)."""
     if isinstance(node, types.MethodType):
-        fixed = "a bound method's object and function cannot be replaced"
-        return Node(
-            [Place(f"{path}<self>", node.__self__, None), Place(path, node.__func__, None)],
-            fixed=fixed,
-        )
+        places = [Place(f"{path}<self>", node.__self__, None), Place(path, node.__func__, None)]
+        return Node(places, lambda new: types.MethodType(new[1], new[0]))
     if isinstance(node, functools.partial):
+        arguments = [
+            Place(f"{path}<argument {i}>", a, _set_partial(node, "args", i))
+            for i, a in enumerate(node.args)
+        ]
         return Node(
             [
                 Place(f"{path}<function>", node.func, _set_partial(node, "func")),
-                *(
-                    Place(f"{path}<argument {i}>", a, _set_partial(node, "args", i))
-                    for i, a in enumerate(node.args)
-                ),
-                Place(f"{path}<keywords>", node.keywords, None),
+                *arguments,
+                Place(f"{path}<keywords>", node.keywords, None),  # a dict, changed in place
             ]
         )
     if isinstance(node, staticmethod | classmethod):
-        return Node([Place(path, node.__func__, None)], fixed="a staticmethod cannot be changed")
+        return Node([Place(path, node.__func__, None)], lambda new: type(node)(new[0]))
     if isinstance(node, property):
-        functions = (node.fget, node.fset, node.fdel)
-        return Node([Place(path, f, None) for f in functions], fixed="a property cannot be changed")
+        functions = [Place(path, f, None) for f in (node.fget, node.fset, node.fdel)]
+        return Node(functions, lambda new: type(node)(*new, node.__doc__))
     return None
 
 
