@@ -372,7 +372,7 @@ def _callable_places(node: Any, path: str) -> Node | None:
         return Node([Place(path, node.__func__, None)], lambda new: type(node)(new[0]))
     if isinstance(node, property):
         functions = [Place(path, f, None) for f in (node.fget, node.fset, node.fdel)]
-        return Node(functions, lambda new: type(node)(*new, node.__doc__))
+        return Node(functions, lambda new: cast(Any, type(node))(*new, node.__doc__))
     return None
 
 
