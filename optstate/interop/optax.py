@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -63,11 +64,12 @@ class _Transformation:
     text is the same from one process to the next (the transformation's own ``repr`` shows its
     functions' addresses), so a checkpoint can compare its rule with the one of ``like``."""
 
-    __slots__ = ("described", "tx")
+    __slots__ = ("described", "probed", "tx")
 
-    def __init__(self, tx: Any, described: str) -> None:
+    def __init__(self, tx: Any, described: str, probed: bool = True) -> None:
         self.tx = tx
         self.described = described
+        self.probed = probed  # from_optax ran its update on a probe parameter (else setup does)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Transformation) and bool(self.tx == other.tx)
@@ -122,7 +124,11 @@ class OptaxRule(AcrossParameters):
                 "an optax rule computes with JAX and cannot train a torch tensor; use an optstate "
                 "rule such as optstate.Adam for torch models"
             )
-        return self.transformation.init(param)
+        state = self.transformation.init(param)
+        if not self.wrapped.probed:  # from_optax could not run it on its probe: check now
+            _refuse_lookahead(state)
+            _refuse_extra_arguments(self.transformation, (tuple(param.shape), param.dtype))
+        return state
 
     def apply_all(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
@@ -185,10 +191,18 @@ def from_optax(transformation: Any) -> OptaxRule:
         >>> state = ost.setup(rule, {"w": jnp.ones(3)})
         >>> state = ost.adjust(state, learning_rate=1e-4)
 
+    Transformations whose ``update`` needs more than the gradients are refused here, before
+    any step (or at ``setup``, when they cannot run on a probe parameter of shape ``(1,)``):
+    those that take the loss's value or function as keyword arguments
+    (``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd``, ``optax.lbfgs``), since
+    ``optstate.update`` passes gradients only, and ``optax.lookahead``, whose slow weights live
+    in the parameters (the message says how to keep them beside the model instead).
+
     Raises:
         TypeError: ``transformation`` is not an optax transformation (a factory such as
-            ``optax.adam`` that was not called, an optstate rule, another object), or cannot be
-            hashed.
+            ``optax.adam`` that was not called, an optstate rule, another object), cannot be
+            hashed, needs keyword arguments besides the gradients in its update, or is
+            ``optax.lookahead``.
     """
     if isinstance(transformation, Rule):
         raise TypeError(
@@ -215,11 +229,57 @@ def from_optax(transformation: Any) -> OptaxRule:
         ) from None
     try:  # the state of a probe parameter shows the hyper-parameters and describes the state
         probe = transformation.init(jnp.zeros((1,), jnp.float32))
-    except Exception:  # a transformation for other parameters: nothing to read
+    except Exception:  # a transformation for other parameters: setup checks it instead
         described = getattr(transformation.init, "__qualname__", type(transformation).__name__)
-        return OptaxRule(_Transformation(transformation, described))
+        return OptaxRule(_Transformation(transformation, described, probed=False))
+    _refuse_lookahead(probe)
+    _refuse_extra_arguments(transformation, ((1,), jnp.dtype(jnp.float32)))
     described = str(jax.tree_util.tree_structure(probe)).removeprefix("PyTreeDef(")[:-1]
     return OptaxRule(_Transformation(transformation, described), _injected_hyperparams(probe))
+
+
+def _refuse_lookahead(state: Any) -> None:
+    """``optax.lookahead`` keeps its slow weights in the parameters, which a rule cannot."""
+    nodes = jax.tree_util.tree_leaves(state, is_leaf=_is_lookahead)
+    if any(map(_is_lookahead, nodes)):
+        raise TypeError(
+            "from_optax cannot run optax.lookahead: it keeps the slow weights in the parameters "
+            "(optax.LookaheadParams(fast, slow)) and returns updates for both, while an "
+            "optstate rule keeps its state per parameter and returns one update for it. Run "
+            "from_optax(fast_optimizer) and keep the slow weights beside the model: every "
+            "sync_period steps, slow = slow + slow_step_size * (model - slow), then train on "
+            "slow (ost.retie(state, slow) puts one array back at each tie)"
+        )
+
+
+def _is_lookahead(x: Any) -> bool:
+    return isinstance(x, optax.LookaheadState)
+
+
+@functools.lru_cache(maxsize=256)
+def _refuse_extra_arguments(transformation: Any, one: tuple[tuple[int, ...], Any]) -> None:
+    """Refuses a transformation whose ``update`` needs keyword arguments besides the gradients
+    (``value=``, ``value_fn=``, ...), found by running it abstractly on one parameter of this
+    shape and dtype: ``optstate.update`` passes gradients only."""
+    box = [_Param(0, jax.ShapeDtypeStruct(*one))]  # type: ignore[no-untyped-call]
+    try:
+        jax.eval_shape(lambda p: transformation.update(p, transformation.init(p), p), box)
+    except TypeError as err:
+        found = re.search(r"(\S+)\(\) missing \d+ required keyword-only arguments?: (.*)", str(err))
+        if found is None:
+            return
+        names = ", ".join(re.findall(r"'(\w+)'", found.group(2)))
+        raise TypeError(
+            f"from_optax cannot run this transformation: its update ({found.group(1)}) needs "
+            f"the keyword arguments {names} besides the gradients (optax's reduce_on_plateau "
+            "and polyak_sgd need the loss's value, lbfgs's line search the loss function), "
+            "and optstate.update(state, model, grads) passes gradients only. Run it with optax "
+            "on the de-duplicated parameters; for a learning rate that follows the loss, wrap "
+            "the optimiser in optax.inject_hyperparams and set the rate between steps with "
+            "optstate.adjust(state, learning_rate=...)"
+        ) from None
+    except Exception:  # another failure: the step reports it with the parameters at hand
+        return
 
 
 def _injected_hyperparams(probe: Any) -> tuple[tuple[str, float], ...]:
