@@ -28,6 +28,20 @@ class Grads:
 
     ``to_tree(model)`` turns the totals into the structural gradient that ``optstate.update``
     takes, with each total at **one** position, so that it is counted once.
+
+    ``Grads(params, values)`` makes one from totals computed elsewhere (PyTorch's ``.grad``):
+    ``values`` holds one total per parameter, in the order and orientation of ``params``, each
+    cast to its parameter's kind and dtype; a wrong count or shape is a ``ValueError``.
+
+    Example:
+        >>> import numpy as np, optstate as ost
+        >>> from optstate import implicit
+        >>> W = np.zeros((1, 2))
+        >>> grads = implicit.Grads(implicit.params([W]), [np.array([[3.0, 4.0]])])
+        >>> grads[W], grads[ost.Transpose(W)].shape, grads.get(W.copy()) is None
+        (array([[3., 4.]]), (2, 1), True)
+        >>> [g.shape for g in grads.values()], len(grads), W in grads
+        ([(1, 2)], 1, True)
     """
 
     __slots__ = ("_values", "params")
@@ -55,6 +69,7 @@ class Grads:
         return _arrays.permute(g, orientation(Slot(*hit), g.ndim))
 
     def get(self, key: Any, default: Any = None) -> Any:
+        """``grads[key]``, or ``default`` when ``key`` is neither a parameter nor an alias."""
         try:
             return self[key]
         except KeyError:
@@ -70,12 +85,15 @@ class Grads:
         return len(self.params)
 
     def keys(self) -> Iterator[Any]:
+        """The parameters, once each, in the order of ``params``."""
         return iter(self.params)
 
     def values(self) -> Iterator[Any]:
+        """The totals, in the order of ``params``, each in its parameter's orientation."""
         return iter(self._values)
 
     def items(self) -> Iterator[tuple[Any, Any]]:
+        """``(parameter, total)`` pairs, in the order of ``params``."""
         return zip(self.params, self._values, strict=True)
 
     def __repr__(self) -> str:
@@ -89,6 +107,13 @@ class Grads:
         position's form (a ``Transpose`` node at a ``Transpose``, the view's orientation at a NumPy
         view), and ``None`` everywhere else. ``update`` adds up a parameter's positions, so a
         total given at every position would be counted once per position.
+
+        Args:
+            model: the model ``params`` was taken of, its parameters still in place.
+
+        Returns:
+            A tree of the model's structure: a total at one position of each parameter,
+            ``None`` elsewhere.
 
         Example:
             >>> import numpy as np, optstate as ost
@@ -133,6 +158,13 @@ class Grads:
         ``update``: ``None`` for no gradient (a leaf or a branch), a ``Transpose`` or a dense
         transposed array at a ``Transpose`` position, the view's orientation at a NumPy view.
         A parameter without any gradient gets zeros.
+
+        Args:
+            model: the model the gradient is of.
+            grad_tree: its structural gradient, one partial gradient (or ``None``) per position.
+
+        Returns:
+            The ``Grads`` of ``params(model)``.
 
         Example:
             >>> import numpy as np, optstate as ost

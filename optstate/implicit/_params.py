@@ -20,7 +20,24 @@ from ._objects import is_array, leaves
 
 
 class StaleParamsError(ValueError):
-    """A parameter recorded by ``params`` is no longer at one of its positions in the model."""
+    """A parameter recorded by ``params`` is no longer at one of its positions in the model.
+
+    Raised by ``gradient`` and ``Grads.to_tree``: an array replaced after ``params`` (by hand, or
+    by a pure ``optstate.update``, which returns new arrays) is not followed, since the loss
+    would no longer read the recorded one. Take ``params(model)`` again.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from optstate import implicit
+        >>> model = {"w": jnp.ones(2)}
+        >>> ps = implicit.params(model)
+        >>> model["w"] = jnp.zeros(2)
+        >>> try:
+        ...     implicit.gradient(lambda: jnp.sum(model["w"]), ps)
+        ... except implicit.StaleParamsError as err:
+        ...     print(str(err)[:60])
+        gradient: model['w'] held the parameter JAX float32[2] when
+    """
 
 
 class Hit(NamedTuple):
@@ -102,7 +119,25 @@ class Params:
         return self._resolve(x) is not None
 
     def where(self, x: Any) -> tuple[str, ...]:
-        """The positions (``model['dec']['w']``) where the parameter ``x`` (or its alias) lives."""
+        """The positions where the parameter ``x`` lives, found through any alias of it.
+
+        Args:
+            x: a parameter, or an alias of one (``Transpose(W)``, a NumPy view ``W.T``).
+
+        Returns:
+            The paths of all the parameter's positions, as ``model['dec']['w']`` or
+            ``model.enc<closure w>`` (a closure's variable), in walk order.
+
+        Raises:
+            KeyError: ``x`` is neither a parameter nor an alias of one.
+
+        Example:
+            >>> import numpy as np, optstate as ost
+            >>> from optstate import implicit
+            >>> W = np.ones((2, 3))
+            >>> implicit.params({"enc": W, "dec": ost.Transpose(W)}).where(W.T)
+            ("model['dec']", "model['enc']")
+        """
         return tuple(p.path for p in self._positions[self._lookup(x).param])
 
     def __repr__(self) -> str:
@@ -189,11 +224,20 @@ class Params:
 def params(model: Any) -> Params:
     """The unique trainable arrays of ``model``: an ordered identity set that knows their positions.
 
-    ``model`` is any mix of dicts, lists, tuples, pytrees (registered classes, dataclasses) and
-    plain objects, whose attributes are walked. Trainable arrays are floating and complex NumPy
-    and JAX arrays. Ties are found as ``setup`` finds them: the same object at several positions,
-    ``Transpose(W)``, and NumPy views (``W.T``) are one parameter, so ``params([x, Transpose(x)])``
-    holds one array. Several separate things go in one list: ``params([W, b])``.
+    ``model`` is any mix of dicts, lists, tuples (and their subclasses), pytrees (registered
+    classes, dataclasses), objects, whose attributes are walked (in ``__dict__`` and in
+    ``__slots__``), and functions, whose closure variables and default arguments are walked (a
+    layer written as a closure, ``net.enc = dense(W, b)``). Trainable arrays are floating and
+    complex NumPy and JAX arrays. Ties are found as ``setup`` finds them: the same object at
+    several positions, ``Transpose(W)``, and NumPy views (``W.T``) are one parameter, so
+    ``params([x, Transpose(x)])`` holds one array. Several separate things go in one list:
+    ``params([W, b])``.
+
+    Args:
+        model: the model, or a list of the things holding its parameters.
+
+    Returns:
+        The ``Params``: the parameters in the order of their first positions.
 
     Example:
         >>> import numpy as np, optstate as ost

@@ -166,5 +166,6 @@ def _cannot(place: Place, why: str) -> TypeError:
         )
     return TypeError(
         f"gradient cannot substitute the parameter at {place.path}: {why}. Keep parameters in "
-        "lists, dicts, pytrees or objects with settable attributes"
+        "lists, dicts, pytrees or objects with settable attributes, or register the class as a "
+        "pytree"
     )
