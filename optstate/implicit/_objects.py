@@ -258,11 +258,11 @@ class Graph:
             return Node(list(self._function(node, path)))
         if is_compiled(node):
             return Node([Place(f"{path}<wrapped>", node.__wrapped__, None)], fixed="jitted")
+        if isinstance(node, type):
+            return self._class(node, path)
         kids = pytree_children(node)
         if kids is not None:
             return _pytree(node, path, *kids)
-        if isinstance(node, type):
-            return self._class(node, path)
         return _callable_places(node, path) or self._object(node, path)
 
     def _function(self, f: types.FunctionType, path: str) -> Iterator[Place]:
@@ -285,7 +285,7 @@ class Graph:
             put = _set_item(f.__kwdefaults__, name, dict.__setitem__)
             yield Place(_inner(path, "default", name), value, put)
         for name, value in vars(f).items():  # __wrapped__, and attributes set on the function
-            yield Place(f"{path}.{name}", value, _set_attr(f, name, value, path))
+            yield Place(f"{path}.{name}", value, _set_attr(f, name, value, f"{path}.{name}"))
         g = f.__globals__
         if self.code and (g is self.home or not is_library(g.get("__name__"))):
             for name in sorted(names & g.keys()):

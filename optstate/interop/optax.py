@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -49,6 +48,7 @@ from .._state import State
 from .._update import retie, update
 from ..rules._base import AcrossParameters, Rule
 from ..rules.sgd import Descent
+from ._optax_refusals import refuse_unrunnable
 
 __all__ = ["OptaxRule", "from_optax", "to_optax"]
 
@@ -126,8 +126,7 @@ class OptaxRule(AcrossParameters):
             )
         state = self.transformation.init(param)
         if not self.wrapped.probed:  # from_optax could not run it on its probe: check now
-            _refuse_lookahead(state)
-            _refuse_extra_arguments(self.transformation, (tuple(param.shape), param.dtype))
+            refuse_unrunnable(self.transformation, state, (tuple(param.shape), param.dtype))
         return state
 
     def apply_all(
@@ -191,18 +190,13 @@ def from_optax(transformation: Any) -> OptaxRule:
         >>> state = ost.setup(rule, {"w": jnp.ones(3)})
         >>> state = ost.adjust(state, learning_rate=1e-4)
 
-    Transformations whose ``update`` needs more than the gradients are refused here, before
-    any step (or at ``setup``, when they cannot run on a probe parameter of shape ``(1,)``):
-    those that take the loss's value or function as keyword arguments
-    (``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd``, ``optax.lbfgs``), since
-    ``optstate.update`` passes gradients only, and ``optax.lookahead``, whose slow weights live
-    in the parameters (the message says how to keep them beside the model instead).
+    Refused before any step (here, or at ``setup`` if a probe parameter of shape ``(1,)`` does
+    not fit it): an update that needs the loss's value or function (``optax.lbfgs``,
+    ``optax.polyak_sgd``, ``optax.contrib.reduce_on_plateau``), and ``optax.lookahead``.
 
     Raises:
-        TypeError: ``transformation`` is not an optax transformation (a factory such as
-            ``optax.adam`` that was not called, an optstate rule, another object), cannot be
-            hashed, needs keyword arguments besides the gradients in its update, or is
-            ``optax.lookahead``.
+        TypeError: ``transformation`` is not an optax transformation (an uncalled factory
+            such as ``optax.adam``, an optstate rule), is not hashable, or is refused (above).
     """
     if isinstance(transformation, Rule):
         raise TypeError(
@@ -232,54 +226,9 @@ def from_optax(transformation: Any) -> OptaxRule:
     except Exception:  # a transformation for other parameters: setup checks it instead
         described = getattr(transformation.init, "__qualname__", type(transformation).__name__)
         return OptaxRule(_Transformation(transformation, described, probed=False))
-    _refuse_lookahead(probe)
-    _refuse_extra_arguments(transformation, ((1,), jnp.dtype(jnp.float32)))
+    refuse_unrunnable(transformation, probe, ((1,), jnp.dtype(jnp.float32)))
     described = str(jax.tree_util.tree_structure(probe)).removeprefix("PyTreeDef(")[:-1]
     return OptaxRule(_Transformation(transformation, described), _injected_hyperparams(probe))
-
-
-def _refuse_lookahead(state: Any) -> None:
-    """``optax.lookahead`` keeps its slow weights in the parameters, which a rule cannot."""
-    nodes = jax.tree_util.tree_leaves(state, is_leaf=_is_lookahead)
-    if any(map(_is_lookahead, nodes)):
-        raise TypeError(
-            "from_optax cannot run optax.lookahead: it keeps the slow weights in the parameters "
-            "(optax.LookaheadParams(fast, slow)) and returns updates for both, while an "
-            "optstate rule keeps its state per parameter and returns one update for it. Run "
-            "from_optax(fast_optimizer) and keep the slow weights beside the model: every "
-            "sync_period steps, slow = slow + slow_step_size * (model - slow), then train on "
-            "slow (ost.retie(state, slow) puts one array back at each tie)"
-        )
-
-
-def _is_lookahead(x: Any) -> bool:
-    return isinstance(x, optax.LookaheadState)
-
-
-@functools.lru_cache(maxsize=256)
-def _refuse_extra_arguments(transformation: Any, one: tuple[tuple[int, ...], Any]) -> None:
-    """Refuses a transformation whose ``update`` needs keyword arguments besides the gradients
-    (``value=``, ``value_fn=``, ...), found by running it abstractly on one parameter of this
-    shape and dtype: ``optstate.update`` passes gradients only."""
-    box = [_Param(0, jax.ShapeDtypeStruct(*one))]  # type: ignore[no-untyped-call]
-    try:
-        jax.eval_shape(lambda p: transformation.update(p, transformation.init(p), p), box)
-    except TypeError as err:
-        found = re.search(r"(\S+)\(\) missing \d+ required keyword-only arguments?: (.*)", str(err))
-        if found is None:
-            return
-        names = ", ".join(re.findall(r"'(\w+)'", found.group(2)))
-        raise TypeError(
-            f"from_optax cannot run this transformation: its update ({found.group(1)}) needs "
-            f"the keyword arguments {names} besides the gradients (optax's reduce_on_plateau "
-            "and polyak_sgd need the loss's value, lbfgs's line search the loss function), "
-            "and optstate.update(state, model, grads) passes gradients only. Run it with optax "
-            "on the de-duplicated parameters; for a learning rate that follows the loss, wrap "
-            "the optimiser in optax.inject_hyperparams and set the rate between steps with "
-            "optstate.adjust(state, learning_rate=...)"
-        ) from None
-    except Exception:  # another failure: the step reports it with the parameters at hand
-        return
 
 
 def _injected_hyperparams(probe: Any) -> tuple[tuple[str, float], ...]:
