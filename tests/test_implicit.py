@@ -748,6 +748,50 @@ def test_params_finds_the_arrays_of_closures_held_by_the_model() -> None:
     close(grads[b], ref_b)
 
 
+def test_closure_positions_in_to_tree_and_stale_checks() -> None:
+    """A parameter held by a closure of the model: to_tree refuses it (update cannot reach it),
+    and replacing the closure's array makes params stale, both naming the closure's variable."""
+    w = jnp.asarray(W_TWICE)
+    net = Holder()
+    net.enc = dense(w)
+    ps = implicit.params(net)
+    grads = implicit.gradient(lambda: jnp.sum(net.enc(1.0)), ps)
+    with pytest.raises(TypeError, match=r"parameter at model\.enc<closure w> lives inside"):
+        grads.to_tree(net)
+    net.enc = dense(jnp.asarray(W_TWICE))  # an equal array, not the recorded one
+    with pytest.raises(implicit.StaleParamsError, match=r"model\.enc<closure w> held"):
+        implicit.gradient(lambda: jnp.sum(net.enc(1.0)), ps)
+
+
+@pytest.mark.parametrize("lib", [np, jnp])
+def test_ties_through_the_new_places(lib: Any) -> None:
+    """One weight read as itself (a slots object), as its Transpose (a closure in a list) and
+    through a jitted helper reading a NumPy view or a Transpose of it from its closure: the
+    total of all four uses, as jax.grad gives it for the weight written once."""
+    w = lib.asarray(f32([[1.0, 2.0], [3.0, -1.0]]))
+    alias = w.T if lib is np else ost.Transpose(w)
+    layer = Slotted(w)
+    layers = [lambda v, t=ost.Transpose(w): v * jnp.asarray(t)]  # a default argument
+    x = f32([[0.5, -2.0]])
+
+    def dense_alias() -> Any:
+        return jnp.asarray(alias) if isinstance(alias, ost.Transpose) else alias
+
+    helper = jax.jit(lambda v: jnp.sum(v @ dense_alias()))
+    helper(x)  # compiled before, with the weight as a constant
+    ps = implicit.params([layer])
+    grads = implicit.gradient(
+        lambda: jnp.sum((x @ layer.w) ** 2) + jnp.sum(layers[0](x) * x) + helper(x), ps
+    )
+
+    def reference(v: Any) -> Any:
+        return jnp.sum((x @ v) ** 2) + jnp.sum(x * v.T * x) + jnp.sum(x @ v.T)
+
+    close(grads[w], jax.grad(reference)(jnp.asarray(w)))
+    assert layer.w is w
+    close(helper(x), reference(jnp.asarray(w)) - jnp.sum((x @ w) ** 2) - jnp.sum(x * w.T * x))
+
+
 def test_places_combined_and_put_back_after_an_error() -> None:
     """A slots object in a dict subclass holding a closure with a default: all walked, and all
     put back when the loss raises."""
