@@ -124,12 +124,11 @@ def code_names(code: types.CodeType) -> set[str]:
 # -- writing a place ---------------------------------------------------------------------------
 
 
-def _set_item(container: Any, key: Any, setitem: Callable[[Any, Any, Any], None]) -> Put:
-    """Writes ``container[key]`` with ``setitem``, the base class's own (``dict.__setitem__``:
-    a subclass's hooks are not run)."""
+def _set_item(container: Any, key: Any, old: Any, setitem: Callable[..., None]) -> Put:
+    """Writes ``container[key]``, which holds ``old``, with ``setitem``, the base class's own
+    (``dict.__setitem__``: a subclass's hooks are not run)."""
 
     def put(value: Any) -> Undo:
-        old = container[key]
         setitem(container, key, value)
         return functools.partial(setitem, container, key, old)
 
@@ -282,7 +281,7 @@ class Graph:
             name = f.__code__.co_varnames[first + i]
             yield Place(_inner(path, "default", name), value, _set_default(f, i))
         for name, value in (f.__kwdefaults__ or {}).items():
-            put = _set_item(f.__kwdefaults__, name, dict.__setitem__)
+            put = _set_item(f.__kwdefaults__, name, value, dict.__setitem__)
             yield Place(_inner(path, "default", name), value, put)
         for name, value in vars(f).items():  # __wrapped__, and attributes set on the function
             yield Place(f"{path}.{name}", value, _set_attr(f, name, value, f"{path}.{name}"))
@@ -290,7 +289,9 @@ class Graph:
         if self.code and (g is self.home or not is_library(g.get("__name__"))):
             for name in sorted(names & g.keys()):
                 yield Place(
-                    _inner(path, "global", name), g[name], _set_item(g, name, dict.__setitem__)
+                    _inner(path, "global", name),
+                    g[name],
+                    _set_item(g, name, g[name], dict.__setitem__),
                 )
                 yield from self._module(g[name], names)
 
@@ -327,7 +328,7 @@ class Graph:
         if isinstance(obj, dict | list):  # a subclass JAX does not flatten: its items too
             setitem = dict.__setitem__ if isinstance(obj, dict) else list.__setitem__
             items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            places += [Place(f"{path}[{k!r}]", v, _set_item(obj, k, setitem)) for k, v in items]
+            places += [Place(f"{path}[{k!r}]", v, _set_item(obj, k, v, setitem)) for k, v in items]
         elif isinstance(obj, tuple):
             places += [Place(f"{path}[{i}]", v, None) for i, v in enumerate(obj)]
             return Node(places, fixed=f"{type(obj).__name__} is a tuple that JAX does not flatten")
@@ -341,9 +342,9 @@ def _pytree(node: Any, path: str, children: list[tuple[str, Any, Any]], treedef:
     for name, key, child in children:
         put: Put | None = None
         if isinstance(node, dict):
-            put = _set_item(node, key.key, dict.__setitem__)
+            put = _set_item(node, key.key, child, dict.__setitem__)
         elif isinstance(node, list):
-            put = _set_item(node, key.idx, list.__setitem__)
+            put = _set_item(node, key.idx, child, list.__setitem__)
         elif isinstance(getattr(key, "name", None), str) and getattr(node, key.name) is child:
             put = _set_attr(node, key.name, child, path + name, frozen_too=False)
         places.append(Place(path + name, child, put))
