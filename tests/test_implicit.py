@@ -771,7 +771,8 @@ def test_ties_through_the_new_places(lib: Any) -> None:
     w = lib.asarray(f32([[1.0, 2.0], [3.0, -1.0]]))
     alias = w.T if lib is np else ost.Transpose(w)
     layer = Slotted(w)
-    layers = [lambda v, t=ost.Transpose(w): v * jnp.asarray(t)]  # a default argument
+    transposed = ost.Transpose(w)
+    layers = [lambda v, t=transposed: v * jnp.asarray(t)]  # a default argument
     x = f32([[0.5, -2.0]])
 
     def dense_alias() -> Any:
