@@ -7,6 +7,7 @@ differences, and ``optstate.update`` fed with ``jax.grad``'s structural gradient
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from pathlib import Path
@@ -627,3 +628,381 @@ def test_example_bridge_and_explicit_training_are_identical(
     assert figures["ties_kept"] is True
     assert figures["implicit_loss"] == figures["explicit_loss"] < figures["initial_loss"]
     assert "max |implicit - explicit| over all weights: 0.0" in capsys.readouterr().out
+
+
+# -- every place the loss reaches a parameter is substituted, or refused: never a partial gradient
+#
+# W = [1, 2] read twice, once through the model and once through another place: the loss is
+# sum(W * W), whose gradient jax.grad gives as 2W = [2, 4]. Substituting only the model's W would
+# give [1, 2] (the other read a constant).
+
+W_TWICE = [1.0, 2.0]
+
+
+def twice_reference() -> jax.Array:
+    return jax.grad(lambda w: jnp.sum(w * w))(jnp.asarray(W_TWICE))
+
+
+class Slotted:
+    __slots__ = ("__hidden", "w")
+
+    def __init__(self, w: Any) -> None:
+        self.w = w
+        self.__hidden = w  # a private (name-mangled) slot
+
+    def hidden(self) -> Any:
+        return self.__hidden
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedData:
+    w: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenPlain:  # not a pytree: JAX sees it as a leaf
+    w: Any
+
+
+class AttrDict(dict):  # type: ignore[type-arg]
+    def __getattr__(self, name: str) -> Any:
+        return self[name]
+
+
+class Items(list):  # type: ignore[type-arg]
+    pass
+
+
+class Holder:
+    pass
+
+
+def dense(w: Any) -> Any:
+    """A layer as a closure, the way script-style code builds one."""
+    return lambda x: x * w
+
+
+def reading(obj: Any, read: Any) -> Any:
+    """A function of no arguments that reads ``obj`` (held in its closure) with ``read``."""
+    return lambda: read(obj)
+
+
+def _second_reads() -> dict[str, tuple[jax.Array, Any]]:
+    """A function of no arguments reading W through each kind of place, keyed by the place."""
+    w = jnp.asarray(W_TWICE)
+    holder = Holder()
+    holder.enc = dense(w)
+    return {
+        "slots": (w, reading(Slotted(w), lambda s: s.w)),
+        "mangled slot": (w, reading(Slotted(w), lambda s: s.hidden())),
+        "dataclass slots": (w, reading(SlottedData(w), lambda s: s.w)),
+        "frozen dataclass": (w, reading(FrozenPlain(w), lambda s: s.w)),
+        "dict subclass": (w, reading(AttrDict(w=w), lambda d: d.w)),
+        "list subclass": (w, reading(Items([w]), lambda items: items[0])),
+        "closure in a list": (w, reading([dense(w)], lambda fs: fs[0](1.0))),
+        "closure as an attribute": (w, reading(holder, lambda h: h.enc(1.0))),
+        "default argument": (w, lambda v=w: v),
+        "keyword-only default": (w, lambda *, v=w: v),
+        "partial in a dict": (
+            w,
+            reading({"f": functools.partial(jnp.multiply, w)}, lambda ops: ops["f"](1.0)),
+        ),
+        "bound method in a list": (w, reading([Slotted(w).hidden], lambda ms: ms[0]())),
+    }
+
+
+@pytest.mark.parametrize("place", list(_second_reads()))
+def test_every_place_the_loss_reads_a_parameter_gets_the_traced_value(place: str) -> None:
+    w, second = _second_reads()[place]
+    model = {"w": w}
+    grads = implicit.gradient(lambda: jnp.sum(model["w"] * second()), implicit.params(model))
+    close(grads[w], twice_reference())
+    assert model["w"] is w
+    assert second() is w or np.array_equal(second(), w)  # put back: the original array again
+
+
+@pytest.mark.parametrize("make", [Slotted, SlottedData], ids=["slots", "dataclass-slots"])
+def test_params_of_a_slots_model_finds_its_parameters(make: Any) -> None:
+    w = jnp.asarray(W_TWICE)
+    model = make(w)
+    ps = implicit.params(model)
+    assert len(ps) == 1
+    assert "model.w" in ps.where(w)
+    grads = implicit.gradient(lambda: jnp.sum(model.w * model.w), ps)
+    close(grads[w], twice_reference())
+
+
+def test_params_finds_the_arrays_of_closures_held_by_the_model() -> None:
+    """``net.enc = dense(W)``: the closure's W is a parameter of ``net``, found and traced."""
+    w, b = jnp.asarray(W_TWICE), jnp.asarray([0.5, -1.0])
+    net = Holder()
+    net.enc = dense(w)
+    net.items = AttrDict(b=b)
+    ps = implicit.params(net)
+    assert len(ps) == 2
+    assert ps.where(w) == ("model.enc<closure w>",)
+    assert ps.where(b) == ("model.items['b']",)
+    grads = implicit.gradient(lambda: jnp.sum(net.enc(net.items.b) ** 2), ps)
+    ref_w, ref_b = jax.grad(lambda w, b: jnp.sum((b * w) ** 2), argnums=(0, 1))(w, b)
+    close(grads[w], ref_w)
+    close(grads[b], ref_b)
+
+
+def test_closure_positions_in_to_tree_and_stale_checks() -> None:
+    """A parameter held by a closure of the model: to_tree refuses it (update cannot reach it),
+    and replacing the closure's array makes params stale, both naming the closure's variable."""
+    w = jnp.asarray(W_TWICE)
+    net = Holder()
+    net.enc = dense(w)
+    ps = implicit.params(net)
+    grads = implicit.gradient(lambda: jnp.sum(net.enc(1.0)), ps)
+    with pytest.raises(TypeError, match=r"parameter at model\.enc<closure w> lives inside"):
+        grads.to_tree(net)
+    net.enc = dense(jnp.asarray(W_TWICE))  # an equal array, not the recorded one
+    with pytest.raises(implicit.StaleParamsError, match=r"model\.enc<closure w> held"):
+        implicit.gradient(lambda: jnp.sum(net.enc(1.0)), ps)
+
+
+@pytest.mark.parametrize("lib", [np, jnp])
+def test_ties_through_the_new_places(lib: Any) -> None:
+    """One weight read as itself (a slots object), as its Transpose (a closure in a list) and
+    through a jitted helper reading a NumPy view or a Transpose of it from its closure: the
+    total of all four uses, as jax.grad gives it for the weight written once."""
+    w = lib.asarray(f32([[1.0, 2.0], [3.0, -1.0]]))
+    alias = w.T if lib is np else ost.Transpose(w)
+    layer = Slotted(w)
+    transposed = ost.Transpose(w)
+    layers = [lambda v, t=transposed: v * jnp.asarray(t)]  # a default argument
+    x = f32([[0.5, -2.0]])
+
+    def dense_alias() -> Any:
+        return jnp.asarray(alias) if isinstance(alias, ost.Transpose) else alias
+
+    helper = jax.jit(lambda v: jnp.sum(v @ dense_alias()))
+    helper(x)  # compiled before, with the weight as a constant
+    ps = implicit.params([layer])
+    grads = implicit.gradient(
+        lambda: jnp.sum((x @ layer.w) ** 2) + jnp.sum(layers[0](x) * x) + helper(x), ps
+    )
+
+    def reference(v: Any) -> Any:
+        return jnp.sum((x @ v) ** 2) + jnp.sum(x * v.T * x) + jnp.sum(x @ v.T)
+
+    close(grads[w], jax.grad(reference)(jnp.asarray(w)))
+    assert layer.w is w
+    close(helper(x), reference(jnp.asarray(w)) - jnp.sum((x @ w) ** 2) - jnp.sum(x * w.T * x))
+
+
+def test_places_combined_and_put_back_after_an_error() -> None:
+    """A slots object in a dict subclass holding a closure with a default: all walked, and all
+    put back when the loss raises."""
+    w = jnp.asarray(W_TWICE)
+    inner = Slotted(lambda v=w: v)
+    outer = AttrDict(layer=inner)
+    model = {"w": w}
+    ps = implicit.params(model)
+    grads = implicit.gradient(lambda: jnp.sum(model["w"] * outer.layer.w()), ps)
+    close(grads[w], twice_reference())
+
+    def failing() -> jax.Array:
+        assert isinstance(outer.layer.w(), jax.core.Tracer)
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        implicit.gradient(failing, ps)
+    assert outer.layer.w() is w
+    assert outer["layer"] is inner
+
+
+def test_a_helper_module_reading_its_own_global(tmp_path: Path) -> None:
+    """A function of another (user) module reading that module's global, reached both as a
+    function and through the module object."""
+    (tmp_path / "helper_module_for_implicit.py").write_text(
+        "import jax.numpy as jnp\n\nW = None\n\n\ndef times_w(x):\n    return x * W\n"
+    )
+    spec = importlib.util.spec_from_file_location(
+        "helper_module_for_implicit", tmp_path / "helper_module_for_implicit.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    w = jnp.asarray(W_TWICE)
+    module.W = w
+    model = {"w": w}
+    times_w = module.times_w
+    ps = implicit.params(model)
+    close(implicit.gradient(lambda: jnp.sum(model["w"] * times_w(1.0)), ps)[w], twice_reference())
+    close(implicit.gradient(lambda: jnp.sum(model["w"] * module.W), ps)[w], twice_reference())
+    assert module.W is w
+
+
+def test_a_class_attribute_is_substituted() -> None:
+    w = jnp.asarray(W_TWICE)
+
+    class Shared:
+        weight = w
+
+        def __call__(self) -> Any:
+            return self.weight
+
+    model = {"w": w}
+    grads = implicit.gradient(lambda: jnp.sum(model["w"] * Shared()()), implicit.params(model))
+    close(grads[w], twice_reference())
+    assert Shared.weight is w
+
+
+class Pair(tuple):  # type: ignore[type-arg]
+    """A tuple subclass JAX does not flatten: it cannot be rebuilt with a traced value."""
+
+
+def test_a_place_that_cannot_be_substituted_is_refused_by_name() -> None:
+    w = jnp.asarray(W_TWICE)
+    pair = Pair((w, 1.0))
+    model = {"w": w}
+    with pytest.raises(TypeError, match=r"cannot substitute the parameter at .*pair.*\[0\]"):
+        implicit.gradient(lambda: jnp.sum(model["w"] * pair[0]), implicit.params(model))
+    assert pair[0] is w
+    assert model["w"] is w
+
+
+# -- jitted helpers that read the model from their closure -------------------------------------
+
+
+def _jit_kinds() -> list[str]:
+    kinds = ["jax.jit"]
+    if importlib.util.find_spec("equinox") is not None:
+        kinds.append("equinox.filter_jit")
+    return kinds
+
+
+def _jit(kind: str) -> Any:
+    if kind == "equinox.filter_jit":
+        import equinox as eqx
+
+        return eqx.filter_jit
+    return jax.jit
+
+
+@pytest.mark.parametrize("kind", _jit_kinds())
+@pytest.mark.parametrize("compiled_before", [True, False], ids=["compiled-before", "first-call"])
+def test_a_jitted_helper_reading_the_model_from_its_closure(
+    kind: str, compiled_before: bool
+) -> None:
+    """loss = sum(w) + sum(w² x) with x = 1: the gradient is 1 + 2w = [3, 5, 7] (jax.grad)."""
+    w = jnp.asarray([1.0, 2.0, 3.0])
+    model = {"w": w}
+    helper = _jit(kind)(lambda x: jnp.sum(model["w"] ** 2 * x))
+    if compiled_before:
+        close(helper(1.0), 14.0)
+    expected = jax.grad(lambda v: jnp.sum(v) + jnp.sum(v**2))(w)
+    close(expected, [3.0, 5.0, 7.0])
+    ps = implicit.params(model)
+    for _ in range(2):
+        grads = implicit.gradient(lambda: jnp.sum(model["w"]) + helper(1.0), ps)
+        close(grads[w], expected)
+    close(helper(2.0), 28.0)  # jit's cache holds no tracer: later plain calls work
+    assert model["w"] is w
+
+
+def test_a_jitted_helper_given_the_parameters_as_arguments_stays_compiled() -> None:
+    w = jnp.asarray([1.0, 2.0, 3.0])
+    model = {"w": w}
+    runs = []
+
+    @jax.jit
+    def helper(v: jax.Array) -> jax.Array:
+        runs.append(1)  # runs while jit traces, not at every call
+        return jnp.sum(v**2)
+
+    ps = implicit.params(model)
+    for _ in range(3):
+        grads = implicit.gradient(lambda: helper(model["w"]), ps)
+        close(grads[w], 2 * w)
+    assert len(runs) == 1
+
+
+SHARED: dict[str, Any] = {}
+
+
+def _read_shared() -> jax.Array:
+    return jnp.sum(SHARED["w"] ** 2)
+
+
+class WithHelpers:
+    """Jitted helpers reading the global SHARED, held by a class in three ways."""
+
+    def __init__(self, w: Any) -> None:
+        self.w = w
+        self.bound = jax.jit(self.read)  # a jitted bound method
+
+    static = staticmethod(jax.jit(_read_shared))
+    attribute = jax.jit(lambda self: _read_shared(), static_argnums=0)  # a jitted method
+
+    def read(self) -> jax.Array:
+        return _read_shared()
+
+
+@pytest.mark.parametrize("helper", ["static", "attribute", "bound"])
+def test_jitted_helpers_held_by_a_class_or_an_object(helper: str) -> None:
+    """loss = sum(w) + sum(w²) through the helper: gradient 1 + 2w (jax.grad)."""
+    w = jnp.asarray([1.0, 2.0])
+    SHARED["w"] = w
+    net = WithHelpers(w)
+    close(getattr(net, helper)(), 5.0)  # compiled before, with the array as a constant
+    grads = implicit.gradient(
+        lambda: jnp.sum(net.w) + getattr(net, helper)(), implicit.params(SHARED)
+    )
+    close(grads[w], jax.grad(lambda v: jnp.sum(v) + jnp.sum(v**2))(w))
+    assert SHARED["w"] is w
+    assert isinstance(vars(WithHelpers)["static"], staticmethod)
+    close(getattr(net, helper)(), 5.0)  # jit's cache is clean
+
+
+def test_a_jitted_helper_that_cannot_be_swapped_is_refused_with_the_remedy() -> None:
+    w = jnp.asarray([1.0, 2.0])
+    SHARED["w"] = w
+    helpers = Pair((jax.jit(_read_shared),))  # a tuple JAX does not flatten: cannot be rebuilt
+    remedy = r"jitted function at helpers\[0\].*Pass the parameters to it as arguments"
+    with pytest.raises(TypeError, match=remedy):
+        implicit.gradient(lambda: helpers[0](), implicit.params(SHARED))
+    assert SHARED["w"] is w
+    close(helpers[0](), 5.0)  # jit's cache is clean
+
+
+def test_a_library_object_refusing_a_substitution_is_named() -> None:
+    """An object whose __setattr__ raises its own error: ours names the place."""
+
+    class Locked:
+        def __init__(self, w: Any) -> None:
+            object.__setattr__(self, "w", w)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            raise RuntimeError("locked")
+
+    w = jnp.asarray(W_TWICE)
+    locked = Locked(w)
+    model = {"w": w}
+    with pytest.raises(TypeError, match=r"cannot substitute the parameter at locked\.w.*locked"):
+        implicit.gradient(lambda: jnp.sum(model["w"] * locked.w), implicit.params(model))
+    assert locked.w is w
+    assert model["w"] is w
+
+
+# -- the loss's type ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda m: jnp.sum(m["w"] > 0),
+        lambda m: jnp.sum(m["w"]).astype(jnp.int32),
+        lambda m: 3,
+        lambda m: True,
+    ],
+    ids=["bool-sum", "int32", "python-int", "python-bool"],
+)
+def test_an_integer_or_boolean_loss_is_not_differentiable(loss: Any) -> None:
+    model = {"w": jnp.ones(2)}
+    with pytest.raises(TypeError, match=r"not a differentiable \(floating\) scalar"):
+        implicit.gradient(lambda: loss(model), implicit.params(model))

@@ -351,6 +351,87 @@ def test_a_state_that_is_not_per_parameter_is_refused_and_nothing_changes() -> N
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(state), before, strict=True))
 
 
+EXTRA_ARGUMENTS = {
+    "reduce_on_plateau": (lambda: optax.contrib.reduce_on_plateau(), "value"),
+    "adam-reduce_on_plateau": (
+        lambda: optax.chain(optax.adam(1e-3), optax.contrib.reduce_on_plateau()),
+        "value",
+    ),
+    "polyak_sgd": (lambda: optax.polyak_sgd(), "value"),
+    "lbfgs": (lambda: optax.lbfgs(), "value, grad, value_fn"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXTRA_ARGUMENTS))
+def test_a_transformation_needing_extra_arguments_is_refused_when_the_rule_is_made(
+    name: str,
+) -> None:
+    make, names = EXTRA_ARGUMENTS[name]
+    tx = make()
+    # optax itself, on a parameter alone, needs them: its update fails without them
+    w = jnp.ones(2)
+    with pytest.raises(TypeError, match="required keyword-only argument"):
+        tx.update(w, tx.init(w), w)
+    with pytest.raises(TypeError, match=rf"needs the keyword arguments {names} besides"):
+        ost_optax.from_optax(tx)
+
+
+def needs_value_for_matrices() -> optax.GradientTransformationExtraArgs:
+    """A transformation for matrices only (so from_optax's probe of shape (1,) cannot run it)
+    whose update needs the loss's value."""
+
+    def init(params: Any) -> optax.EmptyState:
+        if any(p.ndim != 2 for p in jax.tree_util.tree_leaves(params)):
+            raise ValueError("matrices only")
+        return optax.EmptyState()
+
+    def update(updates: Any, state: Any, params: Any = None, *, value: Any) -> Any:
+        del params, value
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_a_transformation_needing_extra_arguments_is_refused_at_setup() -> None:
+    rule = ost_optax.from_optax(needs_value_for_matrices())  # cannot be probed here
+    model = {"w": jnp.ones((2, 3))}
+    with pytest.raises(TypeError, match=r"needs the keyword arguments value besides"):
+        ost.setup(rule, model)
+
+
+def test_lookahead_is_refused_when_the_rule_is_made() -> None:
+    tx = optax.lookahead(optax.sgd(0.1), sync_period=2, slow_step_size=0.5)
+    with pytest.raises(TypeError, match=r"cannot run optax\.lookahead.*from_optax\(fast_optimizer"):
+        ost_optax.from_optax(tx)
+
+
+def test_lookahead_by_hand_as_the_refusal_says_equals_optax() -> None:
+    """The remedy the refusal gives: from_optax(fast) and slow weights kept beside the model,
+    against optax.lookahead on the de-duplicated model."""
+    fast, period, alpha = optax.sgd(0.1, momentum=0.9), 2, 0.5
+    model = tied_model()
+    x = draw(6, 4)
+    ref_tx = optax.lookahead(fast, sync_period=period, slow_step_size=alpha)
+    ref = optax.LookaheadParams.init_synced(deduplicated(model))
+    ref_state = ref_tx.init(ref)
+    state = ost.setup(ost_optax.from_optax(fast), model)
+    slow = model
+    for step in range(2 * period + 1):
+        full = {**retied(ref.fast), "count": jnp.arange(2)}
+        updates, ref_state = ref_tx.update(summed(grads_of(full, x)), ref_state, ref)
+        ref = optax.apply_updates(ref, updates)
+        state, model = ost.update(state, model, grads_of(model, x))
+        if (step + 1) % period == 0:
+            slow = jax.tree_util.tree_map(
+                lambda s, f: s + alpha * (f - s) if jnp.issubdtype(s.dtype, jnp.floating) else s,
+                slow,
+                model,
+            )
+            model = slow = ost.retie(state, slow)
+        assert_matches(model, ref.fast)
+        assert_tied(model)
+
+
 def test_to_optax_errors() -> None:
     model = tied_model()
     tx = ost_optax.to_optax(ost.Adam(), model)

@@ -50,6 +50,7 @@ from .._update import retie, update
 from ..rules._base import AcrossParameters, Rule
 from ..rules._validate import Hyper, check_hyper, static
 from ..rules.sgd import Descent
+from ._optax_refusals import refuse_unrunnable
 
 __all__ = ["OptaxRule", "from_optax", "to_optax"]
 
@@ -65,11 +66,12 @@ class _Transformation:
     text is the same from one process to the next (the transformation's own ``repr`` shows its
     functions' addresses), so a checkpoint can compare its rule with the one of ``like``."""
 
-    __slots__ = ("described", "tx")
+    __slots__ = ("described", "probed", "tx")
 
-    def __init__(self, tx: Any, described: str) -> None:
+    def __init__(self, tx: Any, described: str, probed: bool = True) -> None:
         self.tx = tx
         self.described = described
+        self.probed = probed  # from_optax ran its update on a probe parameter (else setup does)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Transformation) and bool(self.tx == other.tx)
@@ -129,7 +131,10 @@ class OptaxRule(AcrossParameters):
                 "an optax rule computes with JAX and cannot train a torch tensor; use an optstate "
                 "rule such as optstate.Adam for torch models"
             )
-        return self.transformation.init(param)
+        state = self.transformation.init(param)
+        if not self.wrapped.probed:  # from_optax could not run it on its probe: check now
+            refuse_unrunnable(self.transformation, state, (tuple(param.shape), param.dtype))
+        return state
 
     def apply_all(
         self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
@@ -193,10 +198,13 @@ def from_optax(transformation: Any) -> OptaxRule:
         >>> state = ost.setup(rule, {"w": jnp.ones(3)})
         >>> state = ost.adjust(state, learning_rate=1e-4)
 
+    Refused before any step (here, or at ``setup`` if a probe parameter of shape ``(1,)`` does
+    not fit it): an update that needs the loss's value or function (``optax.lbfgs``,
+    ``optax.polyak_sgd``, ``optax.contrib.reduce_on_plateau``), and ``optax.lookahead``.
+
     Raises:
-        TypeError: ``transformation`` is not an optax transformation (a factory such as
-            ``optax.adam`` that was not called, an optstate rule, another object), or cannot be
-            hashed.
+        TypeError: ``transformation`` is not an optax transformation (an uncalled factory
+            such as ``optax.adam``, an optstate rule), is not hashable, or is refused (above).
     """
     if isinstance(transformation, Rule):
         raise TypeError(
@@ -223,9 +231,10 @@ def from_optax(transformation: Any) -> OptaxRule:
         ) from None
     try:  # the state of a probe parameter shows the hyper-parameters and describes the state
         probe = transformation.init(jnp.zeros((1,), jnp.float32))
-    except Exception:  # a transformation for other parameters: nothing to read
+    except Exception:  # a transformation for other parameters: setup checks it instead
         described = getattr(transformation.init, "__qualname__", type(transformation).__name__)
-        return OptaxRule(_Transformation(transformation, described))
+        return OptaxRule(_Transformation(transformation, described, probed=False))
+    refuse_unrunnable(transformation, probe, ((1,), jnp.dtype(jnp.float32)))
     described = str(jax.tree_util.tree_structure(probe)).removeprefix("PyTreeDef(")[:-1]
     return OptaxRule(_Transformation(transformation, described), _injected_hyperparams(probe))
 
