@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from . import _arrays
+from . import _arrays, _copies
 from ._state import Plan, State
 from ._ties import Param, TieError, find_ties
 from ._walk import Key, StructureError, flatten, path_strings, position_keys, unwrap
@@ -36,8 +36,16 @@ def setup(rule: RuleSpec, model: Any) -> State:
     ``None`` in place of a rule leaves those parameters untrained. A tied parameter whose
     positions would get different rules is an error.
 
-    Call ``setup`` outside ``jax.jit``: inside, every position is a fresh tracer and ties cannot be
-    seen. The returned state carries the tie plan, so a jitted ``update`` keeps applying it.
+    Separate arrays with equal values, up to a permutation of their axes, are separate parameters
+    (equality is never a tie), but most often a mistake: JAX's ``W.T`` is a copy, not a view.
+    ``setup`` then warns with an ``optstate.CopyWarning`` naming both positions; constant arrays
+    (zeros, ones) never count. A copy made on purpose is silenced with
+    ``warnings.simplefilter("ignore", optstate.CopyWarning)``.
+
+    Call ``setup`` outside ``jax.jit`` or inside ``optstate.jit``: inside a plain ``jax.jit`` every
+    position is a fresh tracer and ties cannot be seen (``setup`` warns where it can tell that a
+    tie was lost). The returned state carries the tie plan, so a jitted ``update`` keeps applying
+    it.
 
     Example:
         >>> import numpy as np, optstate as ost
@@ -99,6 +107,7 @@ def _setup(rule: RuleSpec, model: Any) -> State:
     ]
     states = _init_states(rules, param_rules, bases)
     plan = Plan(treedef, slots, params, tuple(r.structure() for r in rules), param_rules)
+    _copies.warn_copies(bases, params, slots, lambda: path_strings(model), stacklevel=3)
     return State(states, hyper, _arrays.counter(like), plan)
 
 
