@@ -86,7 +86,7 @@ def warn_copies(
     if any(_arrays.is_tracer(b) for b in bases):
         message = _lost_tie(params, slots, paths)
     else:
-        message = _copy_message(_copies(bases), params, paths)
+        message = _copy_message(_copies(bases), params, slots, paths)
     if message is not None:
         warnings.warn(message, CopyWarning, stacklevel=stacklevel + 1)
 
@@ -248,14 +248,22 @@ def _matching(a: Any, b: Any) -> tuple[int, ...] | None:
 
 
 def _copy_message(
-    pairs: list[Pair], params: Sequence[Param], paths: Callable[[], list[str]]
+    pairs: list[Pair],
+    params: Sequence[Param],
+    slots: Sequence[Slot | None],
+    paths: Callable[[], list[str]],
 ) -> str | None:
     if not pairs:
         return None
     names = paths()
+
+    def name(k: int) -> str:  # the array itself: through a Transpose at its position
+        pos = params[k].primary
+        return names[pos] + ".parent" * slots[pos].depth  # type: ignore[union-attr]
+
     lines = []
     for k, j, perm in pairs[:_SHOWN]:
-        first, second = names[params[k].primary], names[params[j].primary]
+        first, second = name(k), name(j)
         if perm == tuple(range(len(perm))):
             how = f"{second} holds the same values as {first}"
             fix = f"put the same array at both positions ({first})"

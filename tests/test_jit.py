@@ -789,9 +789,16 @@ def test_no_warning_where_there_is_no_copy():
         "ties, not copies": {"w": v, "t": ost.Transpose(v), "view": v.T},
         "another dtype": {"a": v, "b": v.astype(np.float32)},
         "single elements": {"a": np.ones(1) * 3, "b": np.ones(1) * 3},
+        "vectors, which are not compared": {"a": v[0], "b": v[0].copy()},
     }
     for name, model in models.items():
         assert not copies_of(model), name
+
+
+def test_a_copy_under_a_transpose_is_named_through_it():
+    w = np.random.default_rng(9).normal(size=(3, 2))
+    (warning,) = copies_of({"a": w, "t": ost.Transpose(w.copy())})
+    assert "model['t'].parent holds the same values as model['a']" in str(warning.message)
 
 
 def test_a_copy_on_purpose_is_silenced_by_a_filter():
