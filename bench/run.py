@@ -491,24 +491,24 @@ def bench_train_step(sizes: Sizes) -> list[Row]:
     times = alternate(steps, sizes.step_repeats)
     del steps
     gc.collect()
-    what = f"tied {_count(v)} x {d} embedding + dense, train step"
+    size = f"tied {_count(v)} x {d} embedding"
     notes = {f"{name}_live_bytes": b for name, b in memory.items()}
     plain = {"optstate": times["plain_jit"], "optax": times["optax"]}
     return [
-        compare("f", f"{what}: optstate.jit donated / optax jax.jit", times, "optax", 0.9),
+        compare("f", f"{size}: train step, ost.jit donated / optax jax.jit", times, "optax", 0.9),
         Row(
             "f'",
-            f"{what}: live bytes after {sizes.memory_steps} steps, optstate.jit / optax",
+            f"{size}: live bytes after {sizes.memory_steps} steps, ost.jit / optax",
             memory["optstate"] / 2**20,
             memory["optax"] / 2**20,
             "MiB",
             0.55,
             notes=notes,
         ),
-        compare("f''", f"{what}: optstate under plain jax.jit / optax", plain, "optax", None),
+        compare("f''", f"{size}: train step, plain jax.jit / optax", plain, "optax", None),
         Row(
             "f'''",
-            f"{what}: live bytes, optstate under plain jax.jit / optax",
+            f"{size}: live bytes, plain jax.jit / optax",
             memory["plain_jit"] / 2**20,
             memory["optax"] / 2**20,
             "MiB",

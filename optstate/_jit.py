@@ -272,37 +272,41 @@ def _dedupe(
     codes: list[Any] = []
     object_donated: list[bool] = []
     for pos, x in enumerate(leaves):
-        if not _is_array(x):
-            if _arrays.is_torch(x):
-                raise TypeError(
-                    f"optstate.jit: {paths()[pos]} is a torch tensor, which jax.jit cannot trace; "
-                    "train a torch model with optstate.update eagerly, or convert the tensor "
-                    "(jnp.asarray(t.detach().numpy()))"
+        if isinstance(x, jax.Array):
+            if not isinstance(x, jax.core.Tracer) and x.is_deleted():
+                raise ValueError(
+                    f"optstate.jit: {paths()[pos]} is an array that was deleted, most likely "
+                    "donated to an earlier call (donate_argnums); pass the arrays that call "
+                    "returned instead"
                 )
+        elif isinstance(x, _NUMPY):
+            if not (x.dtype == np.bool_ or _arrays.is_numeric(x.dtype)):
+                raise TypeError(
+                    f"optstate.jit: {paths()[pos]} is a NumPy array of dtype {x.dtype}, which "
+                    "jax.jit cannot trace; keep it out of the arguments or mark its argument "
+                    "static"
+                )
+        elif _arrays.is_torch(x):
+            raise TypeError(
+                f"optstate.jit: {paths()[pos]} is a torch tensor, which jax.jit cannot trace; "
+                "train a torch model with optstate.update eagerly, or convert the tensor "
+                "(jnp.asarray(t.detach().numpy()))"
+            )
+        else:
             codes.append(_Static(x))
             continue
-        if isinstance(x, np.ndarray | np.generic) and not (
-            x.dtype == np.bool_ or _arrays.is_numeric(x.dtype)
-        ):
-            raise TypeError(
-                f"optstate.jit: {paths()[pos]} is a NumPy array of dtype {x.dtype}, which jax.jit "
-                "cannot trace; keep it out of the arguments or mark its argument static"
-            )
-        if _arrays.is_jax(x) and not _arrays.is_tracer(x) and x.is_deleted():
-            raise ValueError(
-                f"optstate.jit: {paths()[pos]} is an array that was deleted, most likely donated "
-                "to an earlier call (donate_argnums); pass the arrays that call returned instead"
-            )
-        k = index.get(id(x))
-        if k is None:
-            k = index[id(x)] = len(objects)
+        k = index.setdefault(id(x), len(objects))
+        if k == len(objects):
             objects.append(x)
-            object_donated.append(False)
-        object_donated[k] = object_donated[k] or donated[pos]
+            object_donated.append(donated[pos])
+        elif donated[pos]:
+            object_donated[k] = True
         codes.append(k)
 
     # A NumPy view of another array of the arguments enters as that array, permuted.
-    root_of: dict[int, tuple[int, Perm]] = _numpy_views(objects)
+    root_of = _numpy_views(objects)
+    if not root_of:
+        return tuple(codes), objects, object_donated
     uniques: list[Any] = []
     unique_donated: list[bool] = []
     renumber: dict[int, int] = {}
@@ -323,6 +327,9 @@ def _dedupe(
         else:
             renumbered.append(renumber[code])
     return tuple(renumbered), uniques, unique_donated
+
+
+_NUMPY = (np.ndarray, np.generic)
 
 
 def _numpy_views(objects: list[Any]) -> dict[int, tuple[int, Perm]]:
