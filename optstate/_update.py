@@ -111,9 +111,9 @@ def retie(state: State, model: Any) -> Any:
 
     Example:
         >>> import jax, numpy as np, optstate as ost
-        >>> w = np.arange(6.0).reshape(2, 3)
-        >>> state = ost.setup(ost.Descent(0.1), {"w": w, "wt": w.T})
-        >>> grads = {"w": np.ones((2, 3)), "wt": np.ones((3, 2))}
+        >>> w = np.arange(6, dtype=np.float32).reshape(2, 3)
+        >>> state = ost.setup(ost.Descent(0.5), {"w": w, "wt": w.T})
+        >>> grads = {"w": np.ones((2, 3), np.float32), "wt": np.ones((3, 2), np.float32)}
         >>> state, model = jax.jit(ost.update)(state, {"w": w, "wt": w.T}, grads)
         >>> model = ost.retie(state, model)
         >>> type(model["w"]).__name__, model["wt"].base is model["w"]

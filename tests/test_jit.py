@@ -647,6 +647,44 @@ def test_leaves_jax_cannot_trace_get_a_clear_error():
         f({"s": np.array(["a"])})
 
 
+def test_a_function_that_leaks_a_tracer_into_a_later_call():
+    leaked = []
+
+    def f(x):
+        if leaked:  # a second trace returns a value of the first: another trace's structure
+            return {"y": leaked[0]}
+        leaked.append(x * 2)
+        return x
+
+    jitted = ost.jit(f)
+    jitted(jnp.ones(2))
+    with pytest.raises(jax.errors.UnexpectedTracerError, match="escape"):
+        jitted(jnp.ones(3))
+
+
+def test_in_shardings_with_keyword_arguments_is_refused_as_jax_jit_does():
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    f = ost.jit(lambda x, y: x + y, in_shardings=NamedSharding(mesh, P()))
+    with pytest.raises(ValueError, match="in_shardings with keyword arguments"):
+        f(jnp.ones(2), y=jnp.ones(2))
+
+
+def test_ost_jit_composes_with_grad_and_vmap():
+    w = jnp.arange(6.0).reshape(2, 3)
+    model = {"a": w, "t": ost.Transpose(w)}
+
+    def loss(m, x):
+        return jnp.sum((x @ m["a"] @ m["t"]) ** 2)
+
+    x = jnp.asarray([[1.0, -2.0]])
+    g = jax.grad(ost.jit(loss))(model, x)
+    expected = jax.grad(loss)(model, x)
+    close(g["a"], expected["a"], rtol=1e-6)
+    close(g["t"].parent, expected["t"].parent, rtol=1e-6)
+    batched = jax.vmap(lambda x: ost.jit(loss)(model, x))(jnp.stack([x, 2 * x]))
+    close(batched, [loss(model, x), loss(model, 2 * x)], rtol=1e-6)
+
+
 def test_the_callers_own_jax_jit_keeps_working():
     model, data = tied_autoencoder()
     state = ost.setup(ost.Adam(1e-2), model)
