@@ -71,7 +71,8 @@ def jit(
     Args:
         fun: the function to compile.
         donate_argnums, donate_argnames: arguments whose arrays the call may reuse for its
-            outputs (as for ``jax.jit``); their arrays are deleted by the call.
+            outputs (as for ``jax.jit``); their arrays are deleted by the call, also where the
+            same array is held by an argument not donated (it is one buffer).
         static_argnums, static_argnames: arguments passed as they are (hashable values), as for
             ``jax.jit``.
         **options: passed to ``jax.jit`` (``in_shardings``, ``out_shardings``, ``device``,
@@ -169,7 +170,7 @@ class _Jit:
             (k, _Static(kwargs[k])) for k in sorted(kwargs) if k in self._static_names
         )
         signature = _Signature(treedef, codes, statics, tuple(unique_donated), tuple(keywords), n)
-        signature.check_hashable(lambda: _paths(trees, names), names)
+        signature.check_hashable(lambda: _paths(trees, names))
 
         specs: tuple[Any, ...] | None = None
         if self._in_shardings is not None:
@@ -411,7 +412,7 @@ class _Signature:
     def _key(self) -> tuple[Any, ...]:
         return (self.treedef, self.codes, self.statics, self.donated, self.keywords, self.n_args)
 
-    def check_hashable(self, paths: Callable[[], list[str]], names: Sequence[str]) -> None:
+    def check_hashable(self, paths: Callable[[], list[str]]) -> None:
         """Hash now, and say which static value cannot be."""
         try:
             self._hash = hash(self._key())
