@@ -36,10 +36,10 @@ def setup(rule: RuleSpec, model: Any) -> State:
     ``None`` in place of a rule leaves those parameters untrained. A tied parameter whose
     positions would get different rules is an error.
 
-    Separate arrays with equal values, up to a permutation of their axes, are separate parameters
-    (equality is never a tie), but most often a mistake: JAX's ``W.T`` is a copy, not a view.
-    ``setup`` then warns with an ``optstate.CopyWarning`` naming both positions; constant arrays
-    (zeros, ones) never count. A copy made on purpose is silenced with
+    Separate weights with equal values, up to a permutation of their axes, are separate
+    parameters (equality is never a tie), but most often a mistake: JAX's ``W.T`` is a copy, not a
+    view. ``setup`` then warns with an ``optstate.CopyWarning`` naming both positions (arrays of
+    two axes or more; constant arrays never count). A copy made on purpose is silenced with
     ``warnings.simplefilter("ignore", optstate.CopyWarning)``.
 
     Call ``setup`` outside ``jax.jit`` or inside ``optstate.jit``: inside a plain ``jax.jit`` every
@@ -55,6 +55,10 @@ def setup(rule: RuleSpec, model: Any) -> State:
         >>> ost.setup(lambda path: ost.Descent(0.1) if path[-1] == "b" else ost.Adam(),
         ...           {"w": w, "b": np.zeros(3)})
         State(Descent, Adam; 2 parameters, 0 tied)
+
+    Warns:
+        CopyWarning: separate weights with equal values (see above); inside a plain ``jax.jit``,
+            a ``Transpose`` whose parent is at no other position beside a parameter of its shape.
 
     Raises:
         TypeError: ``rule`` is not a rule, a tree of rules or a function giving rules.
