@@ -8,7 +8,11 @@ b. a model with half its parameters tied at two positions: step time and state b
 c. eager ``update`` (no user ``jit``) on 500 small leaves, against optax jitted and optax eager;
 d. ``setup`` on 10,000 leaves against ``optax.adam(...).init``;
 e. the step's effective memory bandwidth (the bytes Adam must read and write, over its time)
-   as a fraction of a streaming copy measured in the same run.
+   as a fraction of a streaming copy measured in the same run;
+f. a whole train step (loss, ``jax.grad``, Adam) of a model whose embedding is tied to its output
+   layer, transposed: optstate under ``optstate.jit`` with state and model donated against optax
+   under ``jax.jit`` with its state donated, in time per step and in live bytes after 5 steps;
+   also optstate under a plain ``jax.jit`` (state donated: a tied model cannot be).
 
 Every time is the median of repeated single steps, each ended by ``jax.block_until_ready``, after
 warm-up steps that also compile. optstate's and optax's steps alternate, so a slow phase of the
@@ -66,6 +70,10 @@ class Sizes:
     step_repeats: int = 21  # a, b, e: timed rounds
     small_repeats: int = 41  # c
     setup_repeats: int = 7  # d
+    vocab: int = 8192  # f: the tied embedding is vocab x embed_dim float32
+    embed_dim: int = 256  # f
+    tokens: int = 16  # f: tokens per batch (few: a step of the optimiser, more than of matmuls)
+    memory_steps: int = 5  # f: steps before live bytes are counted
 
 
 QUICK = Sizes(
@@ -76,6 +84,8 @@ QUICK = Sizes(
     step_repeats=3,
     small_repeats=3,
     setup_repeats=1,
+    vocab=512,
+    embed_dim=32,
 )
 
 
@@ -403,6 +413,110 @@ def bench_setup(sizes: Sizes) -> list[Row]:
     ]
 
 
+# -- f: a whole train step of a tied-embedding model -------------------------------------------
+
+
+def lm_loss(model: dict[str, Any], batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Next-token cross entropy of a one-layer model whose output layer is its embedding read
+    transposed (``model["unembed"]``: a ``Transpose`` for optstate, a copy for optax)."""
+    tokens, targets = batch
+    h = jnp.tanh(model["embed"][tokens] @ model["dense"]["w"] + model["dense"]["b"])
+    logits = h @ model["unembed"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def live_bytes() -> int:
+    """The bytes of every live JAX array of the process."""
+    return sum(int(x.nbytes) for x in jax.live_arrays())
+
+
+def bench_train_step(sizes: Sizes) -> list[Row]:
+    """f: the tied-embedding train step; optstate.jit (state and model donated), plain jax.jit
+    with optstate (the state donated: a tied model cannot be), optax under jax.jit (its state
+    donated)."""
+    v, d = sizes.vocab, sizes.embed_dim
+    p = normal_tree(jax.random.key(5), {"embed": (v, d), "w": (d, d)})
+    keys = jax.random.split(jax.random.key(6), 2)
+    batch = (
+        jax.random.randint(keys[0], (sizes.tokens,), 0, v),
+        jax.random.randint(keys[1], (sizes.tokens,), 0, v),
+    )
+    opt = optax.adam(LR)
+
+    def ost_step(state: Any, model: Any, batch: Any) -> tuple[Any, Any, Any]:
+        loss, grads = jax.value_and_grad(lm_loss)(model, batch)
+        state, model = ost.update(state, model, grads)
+        return state, model, loss
+
+    def optax_step_(opt_state: Any, params: Any, batch: Any) -> tuple[Any, Any, Any]:
+        loss, grads = jax.value_and_grad(lm_loss)(params, batch)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return opt_state, optax.apply_updates(params, updates), loss
+
+    def dense() -> dict[str, Any]:
+        return {"w": jnp.copy(p["w"]), "b": jnp.zeros((d,), jnp.float32)}
+
+    def tied() -> tuple[Any, Any]:
+        e = jnp.copy(p["embed"])
+        model = {"embed": e, "dense": dense(), "unembed": ost.Transpose(e)}
+        return ost.setup(ost.Adam(LR), model), model
+
+    def untied() -> tuple[Any, Any]:  # optax's view of the tie: a separate, transposed copy
+        params = {"embed": jnp.copy(p["embed"]), "dense": dense(), "unembed": p["embed"].T}
+        return opt.init(params), params
+
+    sides: dict[str, tuple[Callable[..., Any], Callable[[], tuple[Any, Any]]]] = {
+        "optstate": (ost.jit(ost_step, donate_argnums=(0, 1)), tied),
+        "plain_jit": (jax.jit(ost_step, donate_argnums=0), tied),
+        "optax": (jax.jit(optax_step_, donate_argnums=0), untied),
+    }
+
+    # Live bytes: each side alone, after its steps, less what was live before it started.
+    gc.collect()
+    memory = {}
+    for name, (step, start) in sides.items():
+        before = live_bytes()
+        carry = start()
+        for _ in range(sizes.memory_steps):
+            carry = jax.block_until_ready(step(*carry, batch)[:2])
+        gc.collect()
+        memory[name] = live_bytes() - before
+        del carry
+        gc.collect()
+
+    # Time per step: the three in turn, round after round.
+    steps = {
+        name: (lambda c, f=step: f(*c[:2], batch), start()) for name, (step, start) in sides.items()
+    }
+    times = alternate(steps, sizes.step_repeats)
+    del steps
+    gc.collect()
+    size = f"tied {_count(v)} x {d} embedding"
+    notes = {f"{name}_live_bytes": b for name, b in memory.items()}
+    plain = {"optstate": times["plain_jit"], "optax": times["optax"]}
+    return [
+        compare("f", f"{size}: train step, ost.jit donated / optax jax.jit", times, "optax", 0.9),
+        Row(
+            "f'",
+            f"{size}: live bytes after {sizes.memory_steps} steps, ost.jit / optax",
+            memory["optstate"] / 2**20,
+            memory["optax"] / 2**20,
+            "MiB",
+            0.55,
+            notes=notes,
+        ),
+        compare("f''", f"{size}: train step, plain jax.jit / optax", plain, "optax", None),
+        Row(
+            "f'''",
+            f"{size}: live bytes, plain jax.jit / optax",
+            memory["plain_jit"] / 2**20,
+            memory["optax"] / 2**20,
+            "MiB",
+            notes=notes,
+        ),
+    ]
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -455,6 +569,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument(
+        "--only",
+        metavar="GROUPS",
+        default="abcdef",
+        help="the groups of rows to measure, as letters (default abcdef; e comes with a)",
+    )
     return parser.parse_args(argv)
 
 
@@ -470,13 +590,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     start = time.perf_counter()
-    rows = bench_large(sizes)
-    rows.append(bench_bandwidth(sizes, rows[0]))
-    gc.collect()
-    rows += bench_tied(sizes)
-    gc.collect()
-    rows += bench_eager(sizes)
-    rows += bench_setup(sizes)
+    rows: list[Row] = []
+    if "a" in args.only or "e" in args.only:
+        rows += bench_large(sizes)
+        rows.append(bench_bandwidth(sizes, rows[0]))
+    groups: list[tuple[str, Callable[[Sizes], list[Row]]]] = [
+        ("b", bench_tied),
+        ("c", bench_eager),
+        ("d", bench_setup),
+        ("f", bench_train_step),
+    ]
+    for letter, bench in groups:
+        if letter in args.only:
+            gc.collect()
+            rows += bench(sizes)
     rows.sort(key=lambda r: r.key)
     print(table(rows))
     seconds = time.perf_counter() - start

@@ -7,6 +7,8 @@ its positions, applies the rule once, and puts the one new array back everywhere
 
 from . import implicit as implicit
 from . import schedules as schedules
+from ._copies import CopyWarning as CopyWarning
+from ._jit import jit as jit
 from ._setup import GroupSplitWarning as GroupSplitWarning
 from ._setup import setup as setup
 from ._state import Plan as Plan

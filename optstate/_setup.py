@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from . import _arrays
+from . import _arrays, _copies
 from ._state import Plan, State
 from ._ties import Param, TieError, find_ties
 from ._walk import Key, StructureError, flatten, path_strings, position_keys, unwrap
@@ -38,8 +38,16 @@ def setup(rule: RuleSpec, model: Any) -> State:
     ``None`` in place of a rule leaves those parameters untrained. A tied parameter whose
     positions would get different rules is an error.
 
-    Call ``setup`` outside ``jax.jit``: inside, every position is a fresh tracer and ties cannot be
-    seen. The returned state carries the tie plan, so a jitted ``update`` keeps applying it.
+    Separate weights with equal values, up to a permutation of their axes, are separate
+    parameters (equality is never a tie), but most often a mistake: JAX's ``W.T`` is a copy, not a
+    view. ``setup`` then warns with an ``optstate.CopyWarning`` naming both positions (arrays of
+    two axes or more; constant arrays never count). A copy made on purpose is silenced with
+    ``warnings.simplefilter("ignore", optstate.CopyWarning)``.
+
+    Call ``setup`` outside ``jax.jit`` or inside ``optstate.jit``: inside a plain ``jax.jit`` every
+    position is a fresh tracer and ties cannot be seen (``setup`` warns where it can tell that a
+    tie was lost). The returned state carries the tie plan, so a jitted ``update`` keeps applying
+    it.
 
     Example:
         >>> import numpy as np, optstate as ost
@@ -49,6 +57,10 @@ def setup(rule: RuleSpec, model: Any) -> State:
         >>> ost.setup(lambda path: ost.Descent(0.1) if path[-1] == "b" else ost.Adam(),
         ...           {"w": w, "b": np.zeros(3)})
         State(Descent, Adam; 2 parameters, 0 tied)
+
+    Warns:
+        CopyWarning: separate weights with equal values (see above); inside a plain ``jax.jit``,
+            a ``Transpose`` whose parent is at no other position beside a parameter of its shape.
 
     Raises:
         TypeError: ``rule`` is not a rule, a tree of rules or a function giving rules.
@@ -106,6 +118,7 @@ def _setup(rule: RuleSpec, model: Any) -> State:
     states = _init_states(per_param, param_rules, bases)
     structures = tuple(variants[0].structure() for variants in groups)
     plan = Plan(treedef, slots, params, structures, param_rules, None, param_variants)
+    _copies.warn_copies(bases, params, slots, lambda: path_strings(model), stacklevel=3)
     return State(states, hyper, clocks, _arrays.counter(like), plan)
 
 

@@ -19,6 +19,7 @@ and integer arrays are never trained.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 from . import _arrays
@@ -45,6 +46,14 @@ class Param(NamedTuple):
 
 class TieError(ValueError):
     """Two positions overlap in memory in a way that cannot be trained as one parameter."""
+
+
+# While ``optstate.jit`` traces a function: the traced values it gave to the positions of NumPy
+# views (JAX has no views, so such a position holds the base's traced value, permuted), by id, as
+# ``(view, base, perm)``. ``None`` outside ``optstate.jit``: it also tells ``setup`` where it is.
+TRACED_VIEWS: ContextVar[dict[int, tuple[Any, Any, Perm]] | None] = ContextVar(
+    "optstate_traced_views", default=None
+)
 
 
 def orientation(slot: Slot, ndim: int, depth: int | None = None) -> Perm:
@@ -79,17 +88,22 @@ def find_ties(
     """
     objects: list[Any] = []  # distinct trainable arrays, in order of first position
     index: dict[int, int] = {}  # id(array) -> its index in ``objects``
-    where: list[list[tuple[int, int]]] = []  # per object: (position, depth) pairs
+    where: list[list[tuple[int, int, Perm]]] = []  # per object: (position, depth, traced view)
+    views = _traced_views(leaves)
     for pos, leaf in enumerate(leaves):
         x, depth = unwrap(leaf)
         if not _arrays.is_trainable(x):
             continue
+        view = views.get(id(x)) if views else None
+        traced_perm = None
+        if view is not None and view[0] is x:
+            x, traced_perm = view[1], view[2]
         k = index.get(id(x))
         if k is None:
             k = index[id(x)] = len(objects)
             objects.append(x)
             where.append([])
-        where[k].append((pos, depth))
+        where[k].append((pos, depth, traced_perm))
 
     groups = _Groups(len(objects))
     joined = False
@@ -135,13 +149,22 @@ def find_ties(
                 raise TieError(
                     f"inconsistent views of one array: {base.shape} and {objects[k].shape}"
                 )
-            for pos, depth in where[k]:
-                slots[pos] = Slot(p, perm, depth)
+            for pos, depth, traced_perm in where[k]:
+                slots[pos] = Slot(p, perm if traced_perm is None else traced_perm, depth)
                 positions.append(pos)
-        params.append(
-            Param(where[root][0][0], tuple(sorted(positions)), tuple(base.shape), base.dtype)
-        )
+        primary = next(pos for pos, _, traced_perm in where[root] if traced_perm is None)
+        params.append(Param(primary, tuple(sorted(positions)), tuple(base.shape), base.dtype))
     return tuple(slots), tuple(params)
+
+
+def _traced_views(leaves: list[Any]) -> dict[int, tuple[Any, Any, Perm]] | None:
+    """``TRACED_VIEWS`` of the views whose base is also a leaf of ``leaves`` (a view whose base
+    is elsewhere is an array of its own, as eagerly)."""
+    views = TRACED_VIEWS.get()
+    if not views:
+        return None
+    present = {id(unwrap(leaf)[0]) for leaf in leaves}
+    return {i: v for i, v in views.items() if i in present and id(v[1]) in present}
 
 
 def _root_rank(x: Any) -> int:

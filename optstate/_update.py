@@ -105,7 +105,20 @@ def retie(state: State, model: Any) -> Any:
     step a tied weight is held by several equal arrays. ``retie`` puts one array back at all
     positions of each parameter (the one at the parameter's first direct position), so that eager
     ``update`` calls and a later ``setup`` see the tie again and memory holds one copy.
+    A parameter that was tied through NumPy views (``W`` and ``W.T``) comes back as a NumPy array
+    with its views, since only NumPy arrays have views (JAX's ``W.T`` is a copy).
     A torch ``nn.Module`` is read as its named-parameter dict, which is returned.
+    ``optstate.jit`` returns ties as one array already: it needs no ``retie``.
+
+    Example:
+        >>> import jax, numpy as np, optstate as ost
+        >>> w = np.arange(6, dtype=np.float32).reshape(2, 3)
+        >>> state = ost.setup(ost.Descent(0.5), {"w": w, "wt": w.T})
+        >>> grads = {"w": np.ones((2, 3), np.float32), "wt": np.ones((3, 2), np.float32)}
+        >>> state, model = jax.jit(ost.update)(state, {"w": w, "wt": w.T}, grads)
+        >>> model = ost.retie(state, model)
+        >>> type(model["w"]).__name__, model["wt"].base is model["w"]
+        ('ndarray', True)
     """
     plan = _plan(state)
     if _arrays.is_torch_module(model):
@@ -115,6 +128,10 @@ def retie(state: State, model: Any) -> Any:
     leaves, treedef = flatten(model)
     _check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
+    viewed = {s.param for s in plan.slots if s is not None and s.perm is not None}
+    for k in viewed:
+        if _arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]):
+            bases[k] = np.array(bases[k])  # views are NumPy's: rebuilt on one NumPy array
     return treedef.unflatten(_place(plan, leaves, bases, changed=[True] * len(bases)))
 
 
@@ -165,6 +182,10 @@ def _step(
             # devices if any input is: inputs that are not yet (weak types, a count created
             # without a device beside committed parameters, or the other way round) are made so,
             # or the second step would compile again.
+            # A weakly typed gradient (a weakly typed parameter's, on the first step) would make
+            # the next step, whose gradient is strongly typed, compile again.
+            if any(getattr(g, "weak_type", False) for g in given):
+                given = [_arrays.strong(g) for g in given]
             if not verified:
                 inputs = [
                     *active_bases,
@@ -326,9 +347,10 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
         elif not (x is base or _arrays.same_view(base, x, slot.perm)):
             raise TieError(
                 f"the tie between {name(primary)} and {name(pos)} is broken: they held one "
-                "parameter at setup but now hold different arrays. After a jitted step (which "
-                "returns a separate array per position) call optstate.retie(state, model); to "
-                "untie on purpose, call setup again"
+                "parameter at setup but now hold different arrays. After a step under jax.jit "
+                "(which returns a separate array per position) call "
+                "optstate.retie(state, model), or compile the step with optstate.jit, which "
+                "returns a tied weight as one array; to untie on purpose, call setup again"
             )
     if any(_arrays.is_view(b) for b in bases):  # only views overlap
         for i, j in _overlapping_pairs(bases):

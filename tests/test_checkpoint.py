@@ -362,6 +362,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(case=tied_models(), adjust=st.booleans(), freeze=st.booleans())
+@pytest.mark.filterwarnings("ignore::optstate.CopyWarning")  # "fresh" uses copy on purpose
 def test_save_load_round_trips_equal(scratch, case, adjust, freeze):
     model, rule, seeds = case
     initial = model

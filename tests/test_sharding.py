@@ -455,7 +455,9 @@ def test_benchmark_quick_run_prints_the_table(tmp_path: Path) -> None:
     )
     figures = json.loads(out_json.read_text())
     rows = {row["key"]: row for row in figures["rows"]}
-    assert set(rows) == {"a", "a'", "b", "b'", "c", "c'", "c''", "d", "d'", "e"}
+    assert set(rows) == {"a", "a'", "b", "b'", "c", "c'", "c''", "d", "d'", "e"} | {
+        "f" + "'" * primes for primes in range(4)
+    }
     for key, row in rows.items():
         assert f"\n{key:3} " in out
         assert math.isfinite(row["ratio"])
