@@ -7,17 +7,22 @@ its positions, applies the rule once, and puts the one new array back everywhere
 
 from . import implicit as implicit
 from . import schedules as schedules
-from ._copies import CopyWarning as CopyWarning
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointMismatchError as CheckpointMismatchError
+from ._errors import CopyWarning as CopyWarning
+from ._errors import GroupSplitWarning as GroupSplitWarning
+from ._errors import OptstateError as OptstateError
+from ._errors import OptstateWarning as OptstateWarning
+from ._errors import StaleParamsError as StaleParamsError
+from ._errors import StructureError as StructureError
+from ._errors import TieError as TieError
 from ._jit import jit as jit
-from ._setup import GroupSplitWarning as GroupSplitWarning
 from ._setup import setup as setup
 from ._state import Plan as Plan
 from ._state import State as State
-from ._ties import TieError as TieError
 from ._update import retie as retie
 from ._update import update as update
 from ._update import update_ as update_
-from ._walk import StructureError as StructureError
 from .adjust import adjust as adjust
 from .adjust import freeze as freeze
 from .adjust import hyperparams as hyperparams

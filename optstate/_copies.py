@@ -31,34 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _arrays
+from ._errors import CopyWarning
 from ._ties import TRACED_VIEWS, Param, Slot
 
 __all__ = ["CopyWarning"]
-
-
-class CopyWarning(UserWarning):
-    """``setup`` found separate arrays that look like one weight: equal values up to a permutation
-    of the axes (a copy, or JAX's ``W.T``, which is a new array), or, inside ``jax.jit``, a
-    ``Transpose`` whose parent sits at no other position while another parameter has its shape.
-
-    Each is trained as a parameter of its own. For a tie, put the same array at both positions
-    (``optstate.Transpose(W)`` for the transposed use), and call ``setup`` outside ``jax.jit`` or
-    inside ``optstate.jit``. A copy made on purpose (an untied decoder started at the encoder's
-    transpose) is silenced with a filter on this class::
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optstate.CopyWarning)
-            state = optstate.setup(rule, model)
-
-    Example:
-        >>> import warnings, numpy as np, optstate as ost
-        >>> w = np.arange(6.0).reshape(2, 3)
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     _ = ost.setup(ost.Adam(), {"enc": w, "dec": w.T.copy()})
-        >>> caught[0].category.__name__, "model['dec']" in str(caught[0].message)
-        ('CopyWarning', True)
-    """
 
 
 # Arrays at most this large are read on the host (NumPy, torch CPU tensors, JAX arrays on the CPU,

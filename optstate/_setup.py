@@ -13,9 +13,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from . import _arrays, _copies
+from ._errors import GroupSplitWarning, StructureError, TieError
 from ._state import Plan, State
-from ._ties import Param, TieError, find_ties
-from ._walk import Key, StructureError, flatten, path_strings, position_keys, unwrap
+from ._ties import Param, find_ties
+from ._walk import Key, flatten, path_strings, position_keys, unwrap
 from .rules._base import Rule
 from .schedules import Schedule
 
@@ -199,11 +200,6 @@ def _warn_split(
         ),
         stacklevel=4,
     )
-
-
-class GroupSplitWarning(UserWarning):
-    """Rules that look across parameters (``ClipGlobalNorm``, ``SkipNonFinite``, ``from_optax``)
-    were set up in several groups of parameters, each of which then looks only at itself."""
 
 
 def _check_computable(

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from . import _arrays
 from ._arrays import Perm
+from ._errors import TieError
 from ._walk import unwrap
 
 
@@ -42,10 +43,6 @@ class Param(NamedTuple):
     positions: tuple[int, ...]
     shape: tuple[int, ...]
     dtype: Any  # a NumPy dtype (hashable, compared by value)
-
-
-class TieError(ValueError):
-    """Two positions overlap in memory in a way that cannot be trained as one parameter."""
 
 
 # While ``optstate.jit`` traces a function: the traced values it gave to the positions of NumPy

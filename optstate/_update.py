@@ -16,9 +16,10 @@ import jax
 import numpy as np
 
 from . import _apply, _arrays
+from ._errors import StructureError, TieError
 from ._state import Plan, State
-from ._ties import Slot, TieError, _overlapping_pairs, orientation
-from ._walk import StructureError, flatten, gather, path_string, path_strings, unwrap, wrap
+from ._ties import Slot, _overlapping_pairs, orientation
+from ._walk import flatten, gather, path_string, path_strings, unwrap, wrap
 from .rules._base import increment
 from .transpose import Transpose
 

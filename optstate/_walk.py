@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ._errors import StructureError
 from .transpose import Transpose, is_transpose
 
 PyTreeDef = Any
@@ -170,10 +171,6 @@ def path_string(tree: Any, pos: int, root: str = "model") -> str:
             continue
         stack.extend((child, (key[0], link)) for key, child in reversed(children))
     raise IndexError(f"the tree has {count} positions, not {pos + 1}")
-
-
-class StructureError(ValueError):
-    """A tree does not have the structure it was expected to have."""
 
 
 def _children(node: Any) -> tuple[list[tuple[Any, Any]], Any]:

@@ -13,6 +13,10 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from .._errors import CheckpointError, CheckpointMismatchError
+
+__all__ = ["FORMAT", "META", "VERSION", "CheckpointError", "CheckpointMismatchError"]
+
 FORMAT = "optstate.checkpoint"
 """The format name stored in every checkpoint's metadata."""
 VERSION = 2
@@ -23,17 +27,6 @@ schedules)."""
 META = "optstate.json"  # the metadata member of the archive
 
 Json = Any  # a value of what ``json.loads`` returns
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as an optstate checkpoint: not a checkpoint at all, truncated
-    or corrupted bytes, an archive that declares more than its records, or a format version newer
-    than this optstate reads. Nothing is loaded."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A sound checkpoint that does not fit ``like``: another model structure, other ties, other
-    parameter shapes or dtypes, or other rules. The message names the first path that differs."""
 
 
 def npy_names(dtype: np.dtype) -> bool:

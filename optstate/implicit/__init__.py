@@ -58,11 +58,11 @@ Example:
     True
 """
 
+from .._errors import StaleParamsError as StaleParamsError
 from ._gradient import gradient as gradient
 from ._gradient import value_and_gradient as value_and_gradient
 from ._grads import Grads as Grads
 from ._params import Params as Params
-from ._params import StaleParamsError as StaleParamsError
 from ._params import params as params
 
 __all__ = ["Grads", "Params", "StaleParamsError", "gradient", "params", "value_and_gradient"]

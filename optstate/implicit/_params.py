@@ -13,31 +13,11 @@ from typing import Any, NamedTuple
 
 from .. import _arrays
 from .._arrays import Perm
+from .._errors import StaleParamsError
 from .._ties import find_ties
 from .._walk import unwrap
 from ..transpose import is_transpose
 from ._objects import is_array, leaves
-
-
-class StaleParamsError(ValueError):
-    """A parameter recorded by ``params`` is no longer at one of its positions in the model.
-
-    Raised by ``gradient`` and ``Grads.to_tree``: an array replaced after ``params`` (by hand, or
-    by a pure ``optstate.update``, which returns new arrays) is not followed, since the loss
-    would no longer read the recorded one. Take ``params(model)`` again.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from optstate import implicit
-        >>> model = {"w": jnp.ones(2)}
-        >>> ps = implicit.params(model)
-        >>> model["w"] = jnp.zeros(2)
-        >>> try:
-        ...     implicit.gradient(lambda: jnp.sum(model["w"]), ps)
-        ... except implicit.StaleParamsError as err:
-        ...     print(str(err)[:60])
-        gradient: model['w'] held the parameter JAX float32[2] when
-    """
 
 
 class Hit(NamedTuple):

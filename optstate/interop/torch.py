@@ -54,10 +54,11 @@ import torch
 from torch import nn
 
 from .. import _arrays
+from .._errors import StructureError
 from .._state import Plan, State
 from .._ties import find_ties
 from .._update import _step
-from .._walk import StructureError, flatten, path_string, path_strings, unwrap, wrap
+from .._walk import flatten, path_string, path_strings, unwrap, wrap
 
 __all__ = ["grad_totals", "parameters"]
 
