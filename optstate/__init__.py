@@ -7,6 +7,7 @@ its positions, applies the rule once, and puts the one new array back everywhere
 
 from . import implicit as implicit
 from . import schedules as schedules
+from ._eval_params import eval_params as eval_params
 from ._setup import GroupSplitWarning as GroupSplitWarning
 from ._setup import setup as setup
 from ._state import Plan as Plan
@@ -30,6 +31,8 @@ from .rules import AdaGrad as AdaGrad
 from .rules import Adam as Adam
 from .rules import AdaMax as AdaMax
 from .rules import AdamW as AdamW
+from .rules import AdEMAMix as AdEMAMix
+from .rules import Adopt as Adopt
 from .rules import AMSGrad as AMSGrad
 from .rules import ClipGlobalNorm as ClipGlobalNorm
 from .rules import ClipGrad as ClipGrad
@@ -40,14 +43,19 @@ from .rules import Lars as Lars
 from .rules import Lion as Lion
 from .rules import MixedPrecision as MixedPrecision
 from .rules import Momentum as Momentum
+from .rules import Muon as Muon
+from .rules import MuonDimensions as MuonDimensions
 from .rules import NAdam as NAdam
 from .rules import Nesterov as Nesterov
 from .rules import OAdam as OAdam
 from .rules import OptimiserChain as OptimiserChain
+from .rules import Prodigy as Prodigy
 from .rules import RAdam as RAdam
 from .rules import RMSProp as RMSProp
 from .rules import Rprop as Rprop
 from .rules import Rule as Rule
+from .rules import ScheduleFreeAdamW as ScheduleFreeAdamW
+from .rules import ScheduleFreeSGD as ScheduleFreeSGD
 from .rules import SignDecay as SignDecay
 from .rules import Signum as Signum
 from .rules import SkipNonFinite as SkipNonFinite
