@@ -154,8 +154,8 @@ class Prodigy(AcrossParameters):
                     exp_avg_sq,
                     grad_sum,
                     s.params0,
-                    cast(d_new, s.d.dtype),
-                    cast(numerator, s.numerator.dtype),
+                    xp.asarray(cast(d_new, s.d.dtype)),  # 0-d: NumPy would make a scalar
+                    xp.asarray(cast(numerator, s.numerator.dtype)),
                     count,
                 )
             )

@@ -80,7 +80,10 @@ def _step(
     x = (param - (1 - b1_) * state.z) / b1_  # the averaged point, recomputed as optax does
     x = (1 - ck_) * x + ck_ * z
     new = b1_ * x + (1 - b1_) * z
-    new_state = ScheduleFreeState(z, nu, increment(state.count), total, max_lr)
+    # 0-d results as arrays: NumPy makes them scalars
+    new_state = ScheduleFreeState(
+        z, nu, increment(state.count), xp.asarray(total), xp.asarray(max_lr)
+    )
     return new_state, param - new
 
 
