@@ -14,7 +14,6 @@ import pytest
 import optstate as ost
 
 
-
 def muon_adamw(path, x):
     """Muon for the matrices, AdamW for the rest: how Muon is used (docs/rules.md). The test
     problems' single vector is AdamW's; the matrices of the other properties are Muon's."""

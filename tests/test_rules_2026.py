@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.contrib
-from optax.contrib._muon import orthogonalize_via_newton_schulz
 import pytest
 import torch
+from optax.contrib._muon import orthogonalize_via_newton_schulz
 
 import optstate as ost
 from optstate.rules import member
@@ -216,7 +216,7 @@ def test_muon_orthogonalises_each_slice_of_the_batch_axes_as_optax_does() -> Non
     np.testing.assert_allclose(model["p"], p, rtol=0, atol=TOL)
 
 
-# -- optax.contrib: Adopt, AdEMAMix, schedule-free, Prodigy ------------------------------------------
+# -- optax.contrib: Adopt, AdEMAMix, schedule-free, Prodigy --------------------------------------
 
 OPTAX_SHAPES = {"w": (3, 4), "b": (5,), "s": ()}
 
@@ -239,6 +239,7 @@ B1, B2 = 0.8, 0.99
 def linear64(init: float, end: float, steps: int) -> Any:
     """optax's linear schedule, written out in float64 (optax's own rounds to float32)."""
     return lambda count: init + (end - init) * jnp.minimum(count, steps).astype(jnp.float64) / steps
+
 
 OPTAX_CASES = {
     "Adopt": (ost.Adopt(LR, (B1, B2), 1e-6), optax.contrib.adopt(LR, B1, B2, 1e-6)),
@@ -345,7 +346,7 @@ def test_prodigy_estimates_one_learning_rate_for_the_group() -> None:
     assert int(state.states[1].count) == int(state.states[0].count) == 8
 
 
-# -- the hybrid: Muon for hidden matrices, AdamW for the rest ---------------------------------------
+# -- the hybrid: Muon for hidden matrices, AdamW for the rest -------------------------------------
 
 
 def hybrid(path: tuple[Any, ...], x: Any) -> ost.Rule:
@@ -416,8 +417,10 @@ def test_the_rule_function_sees_each_positions_leaf_and_a_tie_must_agree() -> No
         return ost.AdamW(1e-3)
 
     state = ost.setup(rule, model)
-    assert seen[("head",)] is model["head"] and seen[("emb",)] is e
-    assert state.plan.n_ties == 1 and len(state.plan.params) == 3
+    assert seen[("head",)] is model["head"]
+    assert seen[("emb",)] is e
+    assert state.plan.n_ties == 1
+    assert len(state.plan.params) == 3
     with pytest.raises(ost.TieError, match=r"model\['emb'\] and model\['head'\] hold one"):
         ost.setup(lambda path, x: ost.Muon() if path[0] == "head" else ost.AdamW(), model)
     # a function of the path alone still works, and so does one with a default second argument
@@ -486,7 +489,7 @@ def test_eval_params_of_a_float32_master_copy() -> None:
 class Passing(ost.Rule):
     """A container eval_params does not know."""
 
-    rule: ost.Rule = member()
+    rule: ost.Rule = member()  # noqa: RUF009  (a field declaration, as in the rules)
 
     def hyper(self) -> Any:
         return self.rule.hyper()
@@ -529,14 +532,17 @@ def test_a_schedule_free_state_round_trips_through_a_checkpoint(tmp_path: Any) -
         )
 
 
-# -- bad input ---------------------------------------------------------------------------------------
+# -- bad input -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("shape", "message"),
     [
-        ((3,), r"model\['b'\]: Muon orthogonalises matrices and takes 2-D parameters; this one "
-         r"has shape \(3,\) \(1-D\)\. Give it another rule .*lambda path, x"),
+        (
+            (3,),
+            r"model\['b'\]: Muon orthogonalises matrices and takes 2-D parameters; this one "
+            r"has shape \(3,\) \(1-D\)\. Give it another rule .*lambda path, x",
+        ),
         ((2, 3, 4), r"model\['b'\]: .*shape \(2, 3, 4\) \(3-D\).*MuonDimensions"),
     ],
 )
