@@ -606,3 +606,31 @@ def test_dimension_numbers_that_do_not_fit_are_refused_at_setup(dims: Any, match
         ost.setup(ost.Muon(dimension_numbers=dims), {"k": np.ones((3, 4))})
     with pytest.raises(ValueError, match=r"model\['v'\]: Muon with dimension_numbers takes"):
         ost.setup(ost.Muon(dimension_numbers=ost.MuonDimensions()), {"v": np.ones(4)})
+
+
+def test_eval_params_of_a_torch_module_is_its_parameter_dict() -> None:
+    module = TiedLM()
+    state = ost.setup(ost.ScheduleFreeAdamW(0.01), module)
+    for step in range(3):
+        lm_step(module, step)
+        state, _ = ost.update_(state, module, ost.interop.torch.grad_totals(module))
+    x = ost.eval_params(state, module)
+    assert x["head.weight"] is x["emb.weight"]
+    assert not x["emb.weight"].requires_grad
+    k = list(dict(module.named_parameters())).index("emb.weight")
+    y, z = module.emb.weight.detach(), state.states[k].z
+    torch.testing.assert_close(x["emb.weight"], (y - 0.1 * z) / 0.9, rtol=1e-15, atol=1e-15)
+
+
+def test_a_muon_state_with_dimension_numbers_round_trips(tmp_path: Any) -> None:
+    rng = np.random.default_rng(6)
+    model = {"k": rng.normal(size=(3, 3, 2, 4))}
+    rule = ost.Muon(0.02, dimension_numbers=ost.MuonDimensions((0, 1, 2), 3))
+    state, model = ost.update(ost.setup(rule, model), model, {"k": rng.normal(size=(3, 3, 2, 4))})
+    ost.save(tmp_path / "muon.npz", state, model)
+    loaded, again = ost.load(tmp_path / "muon.npz")
+    assert loaded.plan == state.plan
+    g = {"k": rng.normal(size=(3, 3, 2, 4))}
+    np.testing.assert_array_equal(
+        ost.update(loaded, again, g)[1]["k"], ost.update(state, model, g)[1]["k"]
+    )
