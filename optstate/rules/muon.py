@@ -95,8 +95,8 @@ class Muon(Rule):
     Newton-Schulz iteration runs in the parameter's dtype, as ``optax.contrib.muon`` runs it,
     where torch rounds it to bfloat16 (a ``float64`` run agrees with a ``float64`` torch run
     with that rounding taken out to 1e-10; in ``float32`` the two differ by bfloat16's rounding,
-    about 1e-2 of the step). Complex parameters are orthogonalised with :math:`X^*`, the
-    conjugate transpose, as optax does; torch refuses them.
+    measured at 2 % of the step of a 32 x 64 weight). Complex parameters are orthogonalised
+    with :math:`X^*`, the conjugate transpose, as optax does; torch refuses them.
 
     A tied weight is one parameter, orthogonalised once: its gradients, from a plain position and
     from a ``Transpose``, are summed in the parameter's orientation first (orthogonalising each
