@@ -63,8 +63,10 @@ def convert(backend: str) -> Any:
 
 
 def run_ours(rule: Any, backend: str, params: dict[str, Any], grads: list[Any]) -> Any:
-    """``(state, model)`` after the steps, on the tied model; the tie is checked every step."""
+    """``(state, model, history)`` after the steps on the tied model, ``history`` the parameters
+    after each step; the tie is checked every step."""
     to = convert(backend)
+    history = []
     with jax.enable_x64(True):
         model = {k: to(v) for k, v in params.items()}
         model["wt"] = ost.Transpose(model["w"])
@@ -72,11 +74,21 @@ def run_ours(rule: Any, backend: str, params: dict[str, Any], grads: list[Any]) 
         for g in grads:
             state, model = ost.update(state, model, {k: to(v) for k, v in g.items()})
             assert model["wt"].parent is model["w"]
-        return state, model
+            history.append(as_numpy(model))
+        return state, model, history
 
 
 def as_numpy(tree: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in tree.items() if k != "wt"}
+
+
+def assert_steps_close(ours: list[Any], ref: list[Any], start: dict[str, Any]) -> None:
+    """Step by step: the parameters after every step within ``TOL``."""
+    assert len(ours) == len(ref) == STEPS
+    for a, b in zip(ours[:-1], ref[:-1], strict=True):
+        for k in b:
+            np.testing.assert_allclose(a[k], np.asarray(b[k]), rtol=0, atol=TOL, err_msg=k)
+    assert_close(ours[-1], ref[-1], start)
 
 
 def assert_close(ours: dict[str, Any], ref: dict[str, Any], start: dict[str, Any]) -> None:
@@ -102,13 +114,16 @@ def torch_muon_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def torch_muon(params: list[np.ndarray], grads: list[list[np.ndarray]], **kwargs: Any) -> Any:
+    """The parameters after each step of ``torch.optim.Muon``."""
     ps = [torch.nn.Parameter(torch.tensor(p)) for p in params]
     opt = torch.optim.Muon(ps, **kwargs)
+    history = []
     for g in grads:
         for p, x in zip(ps, g, strict=True):
             p.grad = torch.tensor(x)
         opt.step()
-    return [p.detach().numpy() for p in ps]
+        history.append([p.detach().numpy().copy() for p in ps])
+    return history
 
 
 MUON_CASES = {
@@ -133,7 +148,7 @@ def test_muon_matches_torch_on_a_tied_weight(case: str, backend: str) -> None:
     ours_kw, theirs_kw = MUON_CASES[case]
     lr, wd, mu = 0.02, 0.05, 0.9
     params, grads = draws({"w": (4, 6), "v": (6, 3)})
-    _, model = run_ours(ost.Muon(lr, wd, mu, **ours_kw), backend, params, grads)
+    _, _, history = run_ours(ost.Muon(lr, wd, mu, **ours_kw), backend, params, grads)
     ref = torch_muon(
         [params["w"], params["v"]],
         [[summed(g)["w"], g["v"]] for g in grads],
@@ -142,7 +157,7 @@ def test_muon_matches_torch_on_a_tied_weight(case: str, backend: str) -> None:
         momentum=mu,
         **theirs_kw,
     )
-    assert_close(model, {"w": ref[0], "v": ref[1]}, params)
+    assert_steps_close(history, [{"w": w, "v": v} for w, v in ref], params)
 
 
 @pytest.mark.usefixtures("torch_muon_in_float64")
@@ -150,9 +165,9 @@ def test_orthogonalising_each_position_apart_is_another_step() -> None:
     """What the tie test guards against: Muon of each position's gradient, added, moves the
     weight elsewhere by far more than the tolerance."""
     params, grads = draws({"w": (4, 6), "v": (6, 3)})
-    once = torch_muon([params["w"]], [[summed(g)["w"]] for g in grads], lr=0.02)[0]
+    once = torch_muon([params["w"]], [[summed(g)["w"]] for g in grads], lr=0.02)[-1][0]
     w = params["w"]
-    apart = torch_muon([w, w.T.copy()], [[g["w"], g["wt"]] for g in grads], lr=0.02)
+    apart = torch_muon([w, w.T.copy()], [[g["w"], g["wt"]] for g in grads], lr=0.02)[-1]
     # each position's own step, applied to the one weight
     moved = (apart[0] - w) + (apart[1] - w.T).T
     assert np.max(np.abs((w + moved) - once)) > 1e-3
@@ -180,15 +195,18 @@ def test_muon_trains_a_conv_kernel_as_a_matrix(shape: Any, dims: Any, to_matrix:
     model = {"k": kernel.copy()}
     rule = ost.Muon(0.02, dimension_numbers=dims, adjust_lr_fn="match_rms_adamw")
     state = ost.setup(rule, model)
+    ours = []
     for g in grads:
         state, model = ost.update(state, model, {"k": g})
-    (ref,) = torch_muon(
+        ours.append(to_matrix(model["k"]))
+    ref = torch_muon(
         [to_matrix(kernel)],
         [[to_matrix(g)] for g in grads],
         lr=0.02,
         adjust_lr_fn="match_rms_adamw",
     )
-    np.testing.assert_allclose(to_matrix(model["k"]), ref, rtol=0, atol=TOL)
+    for a, (b,) in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
 
 
 def test_muon_orthogonalises_each_slice_of_the_batch_axes_as_optax_does() -> None:
@@ -213,7 +231,7 @@ def test_muon_orthogonalises_each_slice_of_the_batch_axes_as_optax_does() -> Non
                 jnp.asarray(direction), coefficients, 5, "frobenius", 0.0, dims
             )
             p = p - lr * np.sqrt(max(1, 5 / 4)) * np.asarray(o)
-    np.testing.assert_allclose(model["p"], p, rtol=0, atol=TOL)
+            np.testing.assert_allclose(model["p"], p, rtol=0, atol=TOL)
 
 
 # -- optax.contrib: Adopt, AdEMAMix, schedule-free, Prodigy --------------------------------------
@@ -221,7 +239,9 @@ def test_muon_orthogonalises_each_slice_of_the_batch_axes_as_optax_does() -> Non
 OPTAX_SHAPES = {"w": (3, 4), "b": (5,), "s": ()}
 
 
-def run_optax(tx: Any, params: dict[str, Any], grads: list[Any]) -> tuple[Any, Any]:
+def run_optax(tx: Any, params: dict[str, Any], grads: list[Any]) -> tuple[Any, Any, Any]:
+    """``(state, params, history)`` of optax on the weights held once, gradients summed."""
+    history = []
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
         p = {k: jnp.asarray(v) for k, v in params.items()}
         state = tx.init(p)
@@ -229,7 +249,8 @@ def run_optax(tx: Any, params: dict[str, Any], grads: list[Any]) -> tuple[Any, A
             g = {k: jnp.asarray(v) for k, v in summed(g).items()}
             updates, state = tx.update(g, state, p)
             p = optax.apply_updates(p, updates)
-        return state, p
+            history.append(as_numpy(p))
+        return state, p, history
 
 
 LR = 0.05
@@ -311,9 +332,9 @@ OPTAX_CASES = {
 def test_matches_optax_on_a_tied_weight(name: str, backend: str) -> None:
     rule, tx = OPTAX_CASES[name]
     params, grads = draws(OPTAX_SHAPES, seed=1)
-    state, model = run_ours(rule, backend, params, grads)
-    ref_state, ref = run_optax(tx, params, grads)
-    assert_close(model, ref, params)
+    state, model, history = run_ours(rule, backend, params, grads)
+    ref_state, ref, ref_history = run_optax(tx, params, grads)
+    assert_steps_close(history, ref_history, params)
     if name.startswith("ScheduleFree"):
         with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
             ours = ost.eval_params(state, model)
@@ -459,8 +480,9 @@ def test_eval_params_through_a_chain_matches_optax_and_runs_under_jit() -> None:
     rule = ost.OptimiserChain(ost.ClipGlobalNorm(1.0), ost.ScheduleFreeAdamW(0.05))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_adamw(0.05))
     params, grads = draws(OPTAX_SHAPES, seed=3)
-    state, model = run_ours(rule, "jax", params, grads)
-    ref_state, ref = run_optax(tx, params, grads)
+    state, model, history = run_ours(rule, "jax", params, grads)
+    ref_state, ref, ref_history = run_optax(tx, params, grads)
+    assert_steps_close(history, ref_history, params)
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
         theirs = optax.contrib.schedule_free_eval_params(ref_state[1], ref)
         ours = ost.eval_params(state, model)
