@@ -16,6 +16,7 @@ from ._errors import OptstateWarning as OptstateWarning
 from ._errors import StaleParamsError as StaleParamsError
 from ._errors import StructureError as StructureError
 from ._errors import TieError as TieError
+from ._eval_params import eval_params as eval_params
 from ._jit import jit as jit
 from ._setup import setup as setup
 from ._state import Plan as Plan
@@ -37,6 +38,8 @@ from .rules import AdaGrad as AdaGrad
 from .rules import Adam as Adam
 from .rules import AdaMax as AdaMax
 from .rules import AdamW as AdamW
+from .rules import AdEMAMix as AdEMAMix
+from .rules import Adopt as Adopt
 from .rules import AMSGrad as AMSGrad
 from .rules import ClipGlobalNorm as ClipGlobalNorm
 from .rules import ClipGrad as ClipGrad
@@ -47,14 +50,19 @@ from .rules import Lars as Lars
 from .rules import Lion as Lion
 from .rules import MixedPrecision as MixedPrecision
 from .rules import Momentum as Momentum
+from .rules import Muon as Muon
+from .rules import MuonDimensions as MuonDimensions
 from .rules import NAdam as NAdam
 from .rules import Nesterov as Nesterov
 from .rules import OAdam as OAdam
 from .rules import OptimiserChain as OptimiserChain
+from .rules import Prodigy as Prodigy
 from .rules import RAdam as RAdam
 from .rules import RMSProp as RMSProp
 from .rules import Rprop as Rprop
 from .rules import Rule as Rule
+from .rules import ScheduleFreeAdamW as ScheduleFreeAdamW
+from .rules import ScheduleFreeSGD as ScheduleFreeSGD
 from .rules import SignDecay as SignDecay
 from .rules import Signum as Signum
 from .rules import SkipNonFinite as SkipNonFinite

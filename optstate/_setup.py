@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +21,8 @@ from ._walk import Key, flatten, path_strings, position_keys, unwrap
 from .rules._base import Rule
 from .schedules import Schedule
 
-RuleSpec = Rule | Callable[[tuple[Key, ...]], Rule | None] | Any  # or a tree prefix of rules
+# A rule; a function of a position's path, or of its path and its leaf; or a tree prefix of rules.
+RuleSpec = Rule | Callable[[tuple[Key, ...]], Rule | None] | Callable[..., Rule | None] | Any
 
 
 def setup(rule: RuleSpec, model: Any) -> State:
@@ -35,9 +37,13 @@ def setup(rule: RuleSpec, model: Any) -> State:
 
     ``rule`` is one rule for every parameter; or a tree of rules that is a prefix of the model
     (``{"encoder": Adam(1e-3), "decoder": Descent(0.1)}``), each rule for the parameters below it;
-    or a function from a position's path (a tuple of keys such as ``("dec", "b")``) to a rule.
+    or a function from a position's path (a tuple of keys such as ``("dec", "b")``) to a rule;
+    or a function of two arguments, the path and the position's leaf as the model holds it (an
+    array, a ``Transpose``, a view), to select by shape:
+    ``lambda path, x: Muon(0.02) if x.ndim == 2 and "emb" not in path else AdamW(3e-4)``.
     ``None`` in place of a rule leaves those parameters untrained. A tied parameter whose
-    positions would get different rules is an error.
+    positions would get different rules is an error. A rule that refuses a parameter (``Muon`` a
+    parameter that is not 2-D) raises its error here, naming the parameter.
 
     Separate weights with equal values, up to a permutation of their axes, are separate
     parameters (equality is never a tie), but most often a mistake: JAX's ``W.T`` is a copy, not a
@@ -68,6 +74,7 @@ def setup(rule: RuleSpec, model: Any) -> State:
         StructureError: a tree of rules that is not a prefix of the model.
         TieError: two leaves overlap in memory in a way that is not a tie (a slice or reshape),
             or one parameter would get two different rules.
+        ValueError: a rule refuses a parameter (the message names it).
 
     A torch ``nn.Module`` is set up as its named-parameter dict
     (``optstate.interop.torch.parameters``): a Parameter under two names is one parameter.
@@ -116,7 +123,7 @@ def _setup(rule: RuleSpec, model: Any) -> State:
         jax.tree_util.tree_map(lambda _: _arrays.counter(like), variants[0].clocks())
         for variants in groups
     ]
-    states = _init_states(per_param, param_rules, bases)
+    states = _init_states(per_param, param_rules, bases, params, lambda: path_strings(model))
     structures = tuple(variants[0].structure() for variants in groups)
     plan = Plan(treedef, slots, params, structures, param_rules, None, param_variants)
     _copies.warn_copies(bases, params, slots, lambda: path_strings(model), stacklevel=3)
@@ -232,9 +239,13 @@ def _rules_per_position(spec: Any, model: Any, trainable: list[bool]) -> list[Ru
         raise _not_a_rule(spec)
     if callable(spec):
         keys = position_keys(model)
+        leaves = flatten(model)[0] if _takes_leaf(spec) else None
         out: list[Rule | None] = []
         for pos, key in enumerate(keys):
-            chosen = spec(key) if trainable[pos] else None
+            if not trainable[pos]:
+                chosen = None
+            else:
+                chosen = spec(key) if leaves is None else spec(key, leaves[pos])
             if chosen is not None and not isinstance(chosen, Rule):
                 raise TypeError(
                     f"the rule function returned {chosen!r} for the path {key}; "
@@ -266,6 +277,18 @@ def _rules_per_position(spec: Any, model: Any, trainable: list[bool]) -> list[Ru
     return [r for (_, r), sub in zip(flat, subtrees, strict=True) for _ in flatten(sub)[0]]
 
 
+def _takes_leaf(fn: Callable[..., Any]) -> bool:
+    """A rule function of two arguments (path and leaf) rather than of the path alone: exactly
+    two positional parameters without defaults."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: a function of the path
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.kind in positional and p.default is p.empty]
+    return len(required) == 2
+
+
 def _assign(
     per_position: list[Rule | None], params: tuple[Param, ...], paths: Callable[[], list[str]]
 ) -> list[Rule | None]:
@@ -294,9 +317,37 @@ _COMPILED_INIT_MIN_GROUP = 64
 
 
 def _init_states(
-    per_param: list[Rule | None], param_rules: tuple[int, ...], bases: list[Any]
+    per_param: list[Rule | None],
+    param_rules: tuple[int, ...],
+    bases: list[Any],
+    params: tuple[Param, ...],
+    paths: Callable[[], list[str]],
 ) -> list[Any]:
-    """Each parameter's initial rule state (``()`` for an untrained one)."""
+    """Each parameter's initial rule state (``()`` for an untrained one). A rule's error for a
+    parameter it refuses names the parameter."""
+    with _naming(params, paths) as current:
+        return _init_each(per_param, param_rules, bases, current)
+
+
+@contextlib.contextmanager
+def _naming(params: tuple[Param, ...], paths: Callable[[], list[str]]) -> Iterator[list[int]]:
+    """A ``TypeError`` or ``ValueError`` raised meanwhile, prefixed with the path of the
+    parameter ``current[0]`` (unless the message names it already)."""
+    current = [0]
+    try:
+        yield current
+    except (TypeError, ValueError) as err:
+        if type(err) not in (TypeError, ValueError) or not params:
+            raise
+        name = paths()[params[current[0]].primary]
+        if name in str(err):
+            raise
+        raise type(err)(f"{name}: {err}") from err
+
+
+def _init_each(
+    per_param: list[Rule | None], param_rules: tuple[int, ...], bases: list[Any], current: list[int]
+) -> list[Any]:
     states: list[Any] = [()] * len(bases)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for k, (rule, base) in enumerate(zip(per_param, bases, strict=True)):
@@ -307,11 +358,13 @@ def _init_states(
             key = (param_rules[k], base.shape, base.dtype, base.sharding)
             groups.setdefault(key, []).append(k)
         else:
+            current[0] = k
             states[k] = rule.init(base)
     size = _COMPILED_INIT_MIN_GROUP
     for (_, shape, dtype, sharding), members in groups.items():
         rule = per_param[members[0]]
         assert rule is not None
+        current[0] = members[0]  # the members share rule, shape and dtype: and any refusal
         chunks = [members[i : i + size] for i in range(0, len(members), size)]
         inits = (
             []
@@ -325,6 +378,7 @@ def _init_states(
                     states[k] = state
         else:
             for k in members:
+                current[0] = k
                 states[k] = rule.init(bases[k])
     return states
 

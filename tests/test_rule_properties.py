@@ -13,8 +13,16 @@ import pytest
 
 import optstate as ost
 
+
+def muon_adamw(path, x):
+    """Muon for the matrices, AdamW for the rest: how Muon is used (docs/rules.md). The test
+    problems' single vector is AdamW's; the matrices of the other properties are Muon's."""
+    return ost.Muon(0.02) if x.ndim == 2 else ost.AdamW(1e-2, weight_decay=1e-4)
+
+
 # name -> (rule, steps): hyper-parameters that bring each rule close to the minimum of both test
-# problems within ``steps`` jitted steps.
+# problems within ``steps`` jitted steps. A rule may also be a function of the path and the leaf
+# (``setup`` takes those), as for Muon, which trains matrices only.
 RULES = {
     "Descent": (ost.Descent(1e-3), 3000),
     "Momentum": (ost.Momentum(1e-3, momentum=0.9), 3000),
@@ -46,6 +54,12 @@ RULES = {
     "AdaDelta": (ost.AdaDelta(1.0, rho=0.99, eps=1e-6), 3000),
     "AdaBelief": (ost.AdaBelief(1e-2), 3000),
     "Yogi": (ost.Yogi(1e-2), 3000),
+    "Muon+AdamW": (muon_adamw, 3000),
+    "Adopt": (ost.Adopt(1e-2, betas=(0.9, 0.999)), 3000),
+    "AdEMAMix": (ost.AdEMAMix(1e-2, beta3=0.999, alpha=2.0), 3000),
+    "ScheduleFreeSGD": (ost.ScheduleFreeSGD(1e-3), 6000),
+    "ScheduleFreeAdamW": (ost.ScheduleFreeAdamW(1e-2), 3000),
+    "Prodigy": (ost.Prodigy(0.5), 3000),
 }
 NAMES = list(RULES)
 

@@ -151,6 +151,13 @@ def default(cls):
     return cls()
 
 
+def model_for(cls):
+    """The model the range checks set up: ``Muon`` trains matrices only."""
+    if cls is ost.Muon:
+        return {"w": np.ones((2, 3)), "v": np.ones((3, 3))}
+    return {"w": np.ones((2, 3)), "b": np.zeros(3)}
+
+
 def outside(declared: Hyper):
     """A value the declaration refuses, or None if it has no bound."""
     if declared.min is not None:
@@ -205,7 +212,7 @@ def test_every_public_rule_declares_its_ranges():
 def test_out_of_range_values_are_refused_at_construction_and_by_adjust(cls, name, value):
     with pytest.raises(ValueError, match=rf"{cls.__name__}\({name}=\.\.\.\)"):
         cls(**{name: value}) if cls is not ost.ClipGlobalNorm else cls(value)
-    state = ost.setup(default(cls), {"w": np.ones((2, 3)), "b": np.zeros(3)})
+    state = ost.setup(default(cls), model_for(cls))
     before = jax.tree_util.tree_map(np.copy, (state.hyper, state.states, state.clocks))
     with pytest.raises(ValueError, match=rf"{cls.__name__}\({name}=\.\.\.\)"):
         ost.adjust(state, **{name: value})

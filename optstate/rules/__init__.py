@@ -18,6 +18,8 @@ from .adaptive import OAdam as OAdam
 from .adaptive import RAdam as RAdam
 from .adaptive import RMSProp as RMSProp
 from .adaptive import Yogi as Yogi
+from .ademamix import AdEMAMix as AdEMAMix
+from .adopt import Adopt as Adopt
 from .clip import ClipGlobalNorm as ClipGlobalNorm
 from .clip import ClipGrad as ClipGrad
 from .clip import ClipNorm as ClipNorm
@@ -25,6 +27,11 @@ from .compose import OptimiserChain as OptimiserChain
 from .decay import WeightDecay as WeightDecay
 from .layerwise import Lamb as Lamb
 from .layerwise import Lars as Lars
+from .muon import Muon as Muon
+from .muon import MuonDimensions as MuonDimensions
+from .prodigy import Prodigy as Prodigy
+from .schedule_free import ScheduleFreeAdamW as ScheduleFreeAdamW
+from .schedule_free import ScheduleFreeSGD as ScheduleFreeSGD
 from .sgd import Descent as Descent
 from .sgd import Momentum as Momentum
 from .sgd import Nesterov as Nesterov
