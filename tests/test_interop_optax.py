@@ -655,6 +655,29 @@ def test_inject_hyperparams_with_an_optax_schedule_over_the_bridge() -> None:
     run_bridge(tx, ref_tx, steps=STEPS)
 
 
+def test_inject_hyperparams_over_rules_chosen_by_path() -> None:
+    """A function of the path as the rule, its learning rate injected (and scheduled by optax):
+    each parameter's rule follows it, as optax's multi_transform does on the de-duplicated
+    model."""
+    schedule = optax.linear_schedule(2**-5, 2**-9, transition_steps=3)
+
+    def factory(learning_rate: Any) -> Any:
+        def rule(path: Any) -> ost.Rule:
+            if path[-1] == "b":
+                return ost.Momentum(learning_rate, 0.9)
+            return ost.Adam(learning_rate, betas=(0.875, 1 - 2**-10))
+
+        return ost_optax.to_optax(rule, tied_params())
+
+    def ref_factory(learning_rate: Any) -> Any:
+        adam = optax.adam(learning_rate, b1=0.875, b2=1 - 2**-10)
+        sgd = optax.sgd(learning_rate, momentum=0.9)
+        return optax.multi_transform({"adam": adam, "sgd": sgd}, {"w": "adam", "b": "sgd"})
+
+    tx = optax.inject_hyperparams(factory)(learning_rate=schedule)
+    run_bridge(tx, optax.inject_hyperparams(ref_factory)(learning_rate=schedule), steps=STEPS)
+
+
 def test_a_rule_of_another_structure_at_update_is_refused() -> None:
     """A transformation built anew at a step (as inject_hyperparams builds it) must build the
     rule its state was set up with."""

@@ -267,12 +267,14 @@ class _Live:
         for k, key in enumerate(zip(plan.param_rules, plan.param_variants, strict=True)):
             first.setdefault(key, k)
         hypers = list(state.hyper)
+        found = False
         for r, variants in enumerate(state.hyper):
             new_variants = list(variants)
             for v in range(len(variants)):
                 rule = rules(first[(r, v)])
                 if rule is None or not _holds_arrays(rule):
                     continue
+                found = True
                 if rule.structure() != plan.rules[r]:
                     raise TypeError(
                         f"the rule of this transformation is {rule!r}, but the state was set up "
@@ -283,6 +285,9 @@ class _Live:
                     )
                 new_variants[v] = _merged(rule.hyper(), variants[v])
             hypers[r] = tuple(new_variants)
+        if not found:  # a function of the path giving numbers: it will give numbers again
+            self.may_hold = False
+            return state
         return state.replace(hyper=tuple(hypers))
 
     def _rules(self, plan: Any, params: Any) -> Callable[[int], Rule | None]:

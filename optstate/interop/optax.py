@@ -11,10 +11,12 @@ parameters go through one ``tx.update`` call together, so a transformation that 
 parameters is right too: in ``optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))`` a
 tied weight counts once in the global norm.
 
-**``to_optax(rule, model)``: optstate inside an optax loop.** An ``optax.GradientTransformation``
-whose state is an optstate ``State`` and whose updates move every position of a tied weight to
-the one new value, so ``updates, opt_state = tx.update(grads, opt_state, params)`` and
-``optax.apply_updates(params, updates)`` keep the tie.
+**``to_optax(rule, model)``: optstate inside an optax loop.** An
+``optax.GradientTransformationExtraArgs`` whose state is an optstate ``State`` and whose updates
+move every position of a tied weight to the one new value, so ``updates, opt_state =
+tx.update(grads, opt_state, params)`` and ``optax.apply_updates(params, updates)`` keep the tie.
+It takes optax's extra arguments, its ``inject_hyperparams``, ``tree.map_params``, ``MultiSteps``
+and ``apply_if_finite``, and NNX's ``nnx.Optimizer`` (see ``to_optax``).
 
 Example:
     >>> import jax, jax.numpy as jnp, optax, optstate as ost
