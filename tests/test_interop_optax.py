@@ -746,6 +746,38 @@ def test_map_params_places_the_moments_on_a_mesh(with_model: bool) -> None:
     assert placed.states[0].mu.sharding == placement(placed.states[0].mu)
 
 
+WRAPPED = {
+    "inject_hyperparams": lambda model: optax.inject_hyperparams(injected_adam(model))(
+        learning_rate=2**-7
+    ),
+    "MultiSteps": lambda model: optax.MultiSteps(ost_optax.to_optax(ADAM[0], model), 2),
+    "apply_if_finite": lambda model: optax.apply_if_finite(ost_optax.to_optax(ADAM[0], model), 2),
+    "chain": lambda model: optax.chain(optax.scale(1.0), ost_optax.to_optax(ADAM[0], model)),
+}
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_map_params_through_optax_wrappers_of_the_bridge(name: str) -> None:
+    """optax's wrappers ask the bridge for its skeleton in their own: the bridge's moments are
+    mapped (beside the wrapper's own trees of the parameters), and the state still steps."""
+    params = tied_params()
+    tx = WRAPPED[name](params)
+    opt_state = tx.init(params)
+    seen: list[tuple[int, ...]] = []
+    mapped = optax.tree.map_params(tx, lambda v: seen.append(tuple(v.shape)) or v + 0, opt_state)
+    moments = [(3,), (3,), (4, 3), (4, 3)]  # the bridge's: mu and nu of the weight and the bias
+    # MultiSteps also keeps its accumulated gradient, one per position (a Transpose: its parent)
+    extra = [(3,), (4, 3), (4, 3), (4, 3)] if name == "MultiSteps" else []
+    assert sorted(seen) == sorted(moments + extra)
+    g = structural_grads(params, draw(6, 4))
+    ours, _ = tx.update(g, mapped, params)
+    theirs, _ = tx.update(g, opt_state, params)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_map_params_before_any_init_needs_the_model() -> None:
     tx = ost_optax.to_optax(ost.Adam(0.1))
     with pytest.raises(TypeError, match=r"map_params needs the structure.*to_optax\(rule, model\)"):
