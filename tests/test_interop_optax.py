@@ -746,6 +746,32 @@ def test_map_params_places_the_moments_on_a_mesh(with_model: bool) -> None:
     assert placed.states[0].mu.sharding == placement(placed.states[0].mu)
 
 
+def test_numbers_are_the_states_and_adjust_changes_them() -> None:
+    """By hand: a learning rate given as a number is copied into the state, where adjust changes
+    it; the transformation does not write it back (only JAX arrays are the transformation's)."""
+    w = jnp.asarray([1.0, 2.0])
+    params = {"a": w, "b": w}
+    tx = ost_optax.to_optax(ost.Descent(0.5))
+    opt_state = ost.adjust(tx.init(params), lr=0.25)
+    grads = {"a": jnp.asarray([1.0, 1.0]), "b": jnp.asarray([3.0, -1.0])}
+    updates, _ = tx.update(grads, opt_state, params)
+    np.testing.assert_array_equal(updates["a"], [-1.0, 0.0])  # -0.25 * (g_a + g_b)
+    np.testing.assert_array_equal(updates["b"], [-1.0, 0.0])
+
+
+def test_an_array_hyperparameter_made_a_schedule_in_the_state_is_refused() -> None:
+    """A learning rate given to the rule as a JAX array is the transformation's; a schedule put
+    in its place in the state by adjust cannot be overwritten by it, and is refused."""
+    params = tied_params()
+    tx = ost_optax.to_optax(ost.Adam(jnp.asarray(0.1, jnp.float32)), params)
+    opt_state = ost.adjust(tx.init(params), lr=ost.schedules.linear(0.1, 0.0, 4))
+    before = jax.tree_util.tree_leaves(opt_state)
+    g = structural_grads(params, draw(6, 4))
+    with pytest.raises(TypeError, match=r"gives as a JAX array is a schedule in its state"):
+        tx.update(g, opt_state, params)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(opt_state), before, strict=True))
+
+
 WRAPPED = {
     "inject_hyperparams": lambda model: optax.inject_hyperparams(injected_adam(model))(
         learning_rate=2**-7

@@ -185,8 +185,11 @@ def _mirrors(x: Any, shape: tuple[int, ...]) -> bool:
     return tuple(x.shape) == shape and bool(jnp.issubdtype(x.dtype, jnp.inexact))
 
 
-def _skeleton(state: State) -> State:
-    """The state with each array replaced by its shape and dtype (nothing kept alive)."""
+def _skeleton(state: State) -> State | None:
+    """The state with each array replaced by its shape and dtype (nothing kept alive); ``None``
+    for a state of torch tensors, which optax does not step."""
+    if not all(_arrays.is_jax(x) or _arrays.is_numpy(x) for x in jax.tree_util.tree_leaves(state)):
+        return None
     shaped: State = jax.tree_util.tree_map(lambda x: _shape_of(x.shape, x.dtype), state)
     return shaped
 
@@ -313,9 +316,16 @@ def _merged(new: Any, old: Any) -> Any:
     (each in the dtype the state keeps it in); its other values stay as they are."""
 
     def merge(value: Any, kept: Any) -> Any:
-        if _is_jax_array(value):
-            return jnp.asarray(value).astype(kept.dtype)
-        return kept
+        if not _is_jax_array(value):
+            return kept
+        if isinstance(kept, Schedule):
+            raise TypeError(
+                "a hyper-parameter that the transformation's rule gives as a JAX array is a "
+                f"schedule in its state ({kept!r}, set by optstate.adjust?); a value given as an "
+                "array belongs to the transformation, which writes it at every update: give the "
+                "schedule to the rule instead, or the value as a number"
+            )
+        return jnp.asarray(value).astype(kept.dtype)
 
     return jax.tree_util.tree_map(merge, new, old, is_leaf=lambda x: isinstance(x, Schedule))
 
