@@ -486,22 +486,22 @@ def run_bridge(
     tx: Any, ref_tx: Any, steps: int = STEPS, kwargs: Any = None, grads: Any = None
 ) -> tuple[Any, Any, Any, Any]:
     """``tx`` in an optax loop on the tied parameters and ``ref_tx`` on the de-duplicated ones,
-    both compiled, step by step; ``kwargs(step)`` gives the extra arguments of a step and
-    ``grads(step, g)`` may change its structural gradient. Returns both final parameters and
-    states, after checking the tie and the values at every step."""
+    both compiled once, step by step; ``kwargs(n)`` gives the extra arguments of step ``n`` (a
+    traced int32) and ``grads(n, g)`` may change its structural gradient. Returns both final
+    parameters and states, after checking the tie and the values at every step."""
     params = tied_params()
     x = draw(6, 4)
     kwargs = kwargs or (lambda step: {})
     grads = grads or (lambda step, g: g)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def step(n: int, params: Any, opt_state: Any) -> tuple[Any, Any]:
+    @jax.jit
+    def step(n: jax.Array, params: Any, opt_state: Any) -> tuple[Any, Any]:
         g = grads(n, structural_grads(params, x))
         updates, opt_state = tx.update(g, opt_state, params, **kwargs(n))
         return optax.apply_updates(params, updates), opt_state
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def ref_step(n: int, ref: Any, ref_state: Any) -> tuple[Any, Any]:
+    @jax.jit
+    def ref_step(n: jax.Array, ref: Any, ref_state: Any) -> tuple[Any, Any]:
         g = summed(grads(n, _structural_grads_at(ref["w"], ref["b"], x)))
         updates, ref_state = ref_tx.update(g, ref_state, ref, **kwargs(n))
         return optax.apply_updates(ref, updates), ref_state
@@ -509,7 +509,7 @@ def run_bridge(
     opt_state = tx.init(params)
     ref = deduplicated(params)
     ref_state = ref_tx.init(ref)
-    for n in range(steps):
+    for n in map(jnp.int32, range(steps)):
         params, opt_state = step(n, params, opt_state)
         ref, ref_state = ref_step(n, ref, ref_state)
         assert_tied(params)
@@ -589,10 +589,9 @@ def test_apply_if_finite_around_the_bridge() -> None:
     apply_if_finite does on the de-duplicated model."""
     rule, adam = ADAM
 
-    def poisoned(n: int, g: Any) -> Any:
-        if n != 1:
-            return g
-        return {**g, "again": [g["again"][0].at[0, 0].set(jnp.inf)]}
+    def poisoned(n: jax.Array, g: Any) -> Any:
+        again = g["again"][0]
+        return {**g, "again": [again.at[0, 0].set(jnp.where(n == 1, jnp.inf, again[0, 0]))]}
 
     tx = optax.apply_if_finite(ost_optax.to_optax(rule, tied_params()), max_consecutive_errors=3)
     ref_tx = optax.apply_if_finite(adam, max_consecutive_errors=3)

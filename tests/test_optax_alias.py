@@ -364,8 +364,9 @@ def _described(params: dict[str, Any]) -> str:
 
 # What runs by default: each alias's first entry in AliasTest's list, with its extra arguments,
 # inject_hyperparams and the float32 parabola (whose test also maps the state with map_params).
-# The rest (Rosenbrock, complex64, every dtype of the dtype, stability and accumulation tests,
-# the second entries of adadelta, adafactor and rmsprop) is marked slow: the suite's time budget.
+# The rest (Rosenbrock, complex64, the dtype-preservation, state-stability and accumulation
+# tests, the second entries of adadelta, adafactor and rmsprop) is marked slow: the suite's time
+# budget (all of it takes about 5 minutes on 2 cores; ``python -m pytest -m slow`` runs it).
 FIRST = {
     alias: next(
         e["opt_kwargs"] for e in alias_test._OPTIMIZERS_UNDER_TEST if e["opt_name"] == alias
