@@ -184,6 +184,41 @@ def test_nnx_two_variables_holding_one_array_are_one_parameter() -> None:
     assert_close(model.unembed[...], ref["e"])
 
 
+class OneVariable(nnx.Module):
+    """``TwoVariablesOneArray`` written with the array once: the de-duplicated model."""
+
+    def __init__(self, embedding: jax.Array, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(6, 3, embedding_init=lambda *_: embedding, rngs=rngs)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.tanh(self.embed(ids)) @ self.embed.embedding[...].T
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["nnx.jit", "eager"])
+def test_nnx_optimizer_with_to_optax_keeps_a_tie_nnx_does_not_see(jit: bool) -> None:
+    """NNX's own optimiser API, ``nnx.Optimizer(model, to_optax(rule), wrt=nnx.Param)``, on two
+    Params over one array (two parameters to NNX), against ``nnx.Optimizer`` with optax on the
+    model that holds the array once."""
+    from optstate.interop import optax as ost_optax
+
+    model = TwoVariablesOneArray(nnx.Rngs(2))
+    reference = OneVariable(model.embed.embedding[...], nnx.Rngs(2))
+    optimizer = nnx.Optimizer(model, ost_optax.to_optax(RULE), wrt=nnx.Param)
+    ref_optimizer = nnx.Optimizer(reference, OPTAX, wrt=nnx.Param)
+    assert optimizer.opt_state.plan.n_ties == 1
+
+    def train_step(model: Any, optimizer: nnx.Optimizer) -> None:
+        optimizer.update(model, nnx.grad(lm_loss)(model))
+
+    step = nnx.jit(train_step) if jit else train_step
+    for _ in range(STEPS):
+        step(model, optimizer)
+        step(reference, ref_optimizer)
+        np.testing.assert_array_equal(model.unembed[...], model.embed.embedding[...])
+        assert_close(model.unembed[...], reference.embed.embedding[...])
+    assert int(optimizer.step[...]) == STEPS
+
+
 # -- linen ---------------------------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optstate as ost
 from optstate.interop import optax as ost_optax
@@ -162,7 +164,7 @@ def test_injected_hyperparameters_are_adjusted_without_recompiling() -> None:
     ref_state = tx.init(ref)
     for lr in (0.5, 0.25, 0.125):
         state = ost.adjust(state, learning_rate=lr)
-        ref_state.hyperparams["learning_rate"] = jnp.asarray(lr)  # optax's own way
+        ref_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)  # optax's own way
         g = {"w": jnp.asarray([1.0, -2.0, 3.0])}
         state, model = step(state, model, g)
         updates, ref_state = tx.update(g, ref_state, ref)
@@ -452,3 +454,357 @@ def test_torch_tensors_are_refused() -> None:
     rule = ost_optax.from_optax(optax.sgd(0.1))
     with pytest.raises(TypeError, match="computes with JAX and cannot train a torch tensor"):
         ost.setup(rule, {"w": torch.ones(2)})
+
+
+# -- to_optax as an optax citizen: extra arguments, combinators, inject_hyperparams, map_params --
+
+
+def tied_params() -> dict[str, Any]:
+    """``tied_model`` without its integer leaf (optax's accumulators add gradients, and an
+    integer leaf's gradient is float0)."""
+    model = tied_model()
+    del model["count"]
+    return model
+
+
+structural_grads = jax.jit(jax.grad(loss))  # of tied_params(): one gradient per position
+
+
+@jax.jit
+def _structural_grads_at(w: jax.Array, b: jax.Array, x: jax.Array) -> dict[str, Any]:
+    return structural_grads(retied({"w": w, "b": b}), x)
+
+
+def dedup_grads(ref: dict[str, jax.Array], x: jax.Array) -> dict[str, jax.Array]:
+    """The de-duplicated model's gradient at ``ref``: the tied model's, summed by hand."""
+    return summed(_structural_grads_at(ref["w"], ref["b"], x))
+
+
+ADAM = (ost.Adam(2**-7, betas=(0.875, 1 - 2**-10)), TRANSFORMATIONS["adam"])
+
+
+def run_bridge(
+    tx: Any, ref_tx: Any, steps: int = STEPS, kwargs: Any = None, grads: Any = None
+) -> tuple[Any, Any, Any, Any]:
+    """``tx`` in an optax loop on the tied parameters and ``ref_tx`` on the de-duplicated ones,
+    both compiled once, step by step; ``kwargs(n)`` gives the extra arguments of step ``n`` (a
+    traced int32) and ``grads(n, g)`` may change its structural gradient. Returns both final
+    parameters and states, after checking the tie and the values at every step."""
+    params = tied_params()
+    x = draw(6, 4)
+    kwargs = kwargs or (lambda step: {})
+    grads = grads or (lambda step, g: g)
+
+    @jax.jit
+    def step(n: jax.Array, params: Any, opt_state: Any) -> tuple[Any, Any]:
+        g = grads(n, structural_grads(params, x))
+        updates, opt_state = tx.update(g, opt_state, params, **kwargs(n))
+        return optax.apply_updates(params, updates), opt_state
+
+    @jax.jit
+    def ref_step(n: jax.Array, ref: Any, ref_state: Any) -> tuple[Any, Any]:
+        g = summed(grads(n, _structural_grads_at(ref["w"], ref["b"], x)))
+        updates, ref_state = ref_tx.update(g, ref_state, ref, **kwargs(n))
+        return optax.apply_updates(ref, updates), ref_state
+
+    opt_state = tx.init(params)
+    ref = deduplicated(params)
+    ref_state = ref_tx.init(ref)
+    for n in map(jnp.int32, range(steps)):
+        params, opt_state = step(n, params, opt_state)
+        ref, ref_state = ref_step(n, ref, ref_state)
+        assert_tied(params)
+        assert_matches(params, ref)
+    return params, opt_state, ref, ref_state
+
+
+def test_to_optax_takes_and_ignores_extra_arguments() -> None:
+    params = tied_params()
+    tx = ost_optax.to_optax(ost.Adam(0.1), params)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    opt_state = tx.init(params)
+    g = structural_grads(params, draw(6, 4))
+    plain, _ = tx.update(g, opt_state, params)
+    extra, _ = tx.update(g, opt_state, params, value=jnp.asarray(1.0), anything_else=3)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(extra), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_to_optax_before_a_transformation_that_needs_the_loss() -> None:
+    """``optax.chain(bridge, reduce_on_plateau)`` with ``value=``, against optax's chain on the
+    de-duplicated model. The value given never improves, so the plateau halves the step."""
+    rule, adam = ADAM
+    plateau = optax.contrib.reduce_on_plateau(factor=0.5, patience=1, cooldown=0)
+    tx = optax.chain(ost_optax.to_optax(rule, tied_params()), plateau)
+    ref_tx = optax.chain(adam, plateau)
+    *_, opt_state, _, ref_state = run_bridge(
+        tx, ref_tx, steps=5, kwargs=lambda n: {"value": jnp.asarray(1.0)}
+    )
+    assert float(opt_state[1].scale) == float(ref_state[1].scale) < 1.0
+
+
+def test_to_optax_after_a_linear_transformation() -> None:
+    """A transformation before the bridge sees one gradient per position; a linear one (here a
+    schedule) gives what it gives on the de-duplicated model, whose gradient is their sum."""
+    schedule = optax.scale_by_schedule(lambda n: 1.0 / (1.0 + n))
+    tx = optax.chain(schedule, ost_optax.to_optax(ost.Momentum(0.1, 0.9), tied_params()))
+    run_bridge(tx, optax.chain(schedule, optax.sgd(0.1, momentum=0.9)), steps=STEPS)
+
+
+def test_clipping_before_the_bridge_sees_each_position_and_inside_it_the_tie_once() -> None:
+    """As documented: ``clip_by_global_norm`` chained before the bridge measures the structural
+    gradient (the tied weight once per position), which is optax's clip on the tied tree, not
+    on the de-duplicated model; ``ClipGlobalNorm`` inside the rule measures each tied weight
+    once and equals optax's chain on the de-duplicated model."""
+    rule, adam = ADAM
+    clip = optax.clip_by_global_norm(0.05)
+    inside = ost_optax.to_optax(ost.OptimiserChain(ost.ClipGlobalNorm(0.05), rule), tied_params())
+    run_bridge(inside, optax.chain(clip, adam))
+
+    before = optax.chain(clip, ost_optax.to_optax(rule, tied_params()))
+    params, x = tied_params(), draw(6, 4)
+    g = structural_grads(params, x)
+    updates, _ = before.update(g, before.init(params), params)
+    clipped, _ = clip.update(g, clip.init(g))  # optax's clip of the structural gradient
+    ref = deduplicated(params)
+    ref_updates, _ = adam.update(summed(clipped), adam.init(ref), ref)
+    np.testing.assert_allclose(updates["enc"]["w"], ref_updates["w"], rtol=0, atol=ULPS)
+    assert optax.tree.norm(g) != optax.tree.norm(summed(g))  # the two norms differ
+
+
+def test_multisteps_around_the_bridge() -> None:
+    rule, adam = ADAM
+    tx = optax.MultiSteps(ost_optax.to_optax(rule, tied_params()), every_k_schedule=3)
+    *_, opt_state, _, ref_state = run_bridge(
+        tx, optax.MultiSteps(adam, every_k_schedule=3), steps=7
+    )
+    assert int(opt_state.gradient_step) == int(ref_state.gradient_step) == 2
+    assert int(opt_state.inner_opt_state.step) == 2  # the rule stepped twice in 7 calls
+
+
+def test_apply_if_finite_around_the_bridge() -> None:
+    """An infinite partial gradient at one position of the tied weight at step 1: the summed
+    gradient is infinite, so no position moves and the rule's state stays, as optax's
+    apply_if_finite does on the de-duplicated model."""
+    rule, adam = ADAM
+
+    def poisoned(n: jax.Array, g: Any) -> Any:
+        again = g["again"][0]
+        return {**g, "again": [again.at[0, 0].set(jnp.where(n == 1, jnp.inf, again[0, 0]))]}
+
+    tx = optax.apply_if_finite(ost_optax.to_optax(rule, tied_params()), max_consecutive_errors=3)
+    ref_tx = optax.apply_if_finite(adam, max_consecutive_errors=3)
+    *_, opt_state, _, ref_state = run_bridge(tx, ref_tx, steps=STEPS, grads=poisoned)
+    assert int(opt_state.total_notfinite) == int(ref_state.total_notfinite) == 1
+    assert int(opt_state.inner_state.step) == STEPS - 1
+
+
+def injected_adam(model: Any) -> Any:
+    def factory(learning_rate: Any) -> Any:
+        return ost_optax.to_optax(ost.Adam(learning_rate, betas=(0.875, 1 - 2**-10)), model)
+
+    return factory
+
+
+def test_inject_hyperparams_over_the_bridge_follows_the_injected_learning_rate() -> None:
+    """``optax.inject_hyperparams`` rebuilds the transformation at each step from the value in
+    its state: a learning rate changed there changes the step, without recompiling, as it does
+    for optax's adam on the de-duplicated model."""
+    params = tied_params()
+    x = draw(6, 4)
+    tx = optax.inject_hyperparams(injected_adam(params))(learning_rate=2**-7)
+    ref_tx = optax.inject_hyperparams(optax.adam)(learning_rate=2**-7, b1=0.875, b2=1 - 2**-10)
+    traces = []
+
+    @jax.jit
+    def step(params: Any, opt_state: Any) -> tuple[Any, Any]:
+        traces.append(1)
+        updates, opt_state = tx.update(structural_grads(params, x), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    @jax.jit
+    def ref_step(ref: Any, ref_state: Any) -> tuple[Any, Any]:
+        updates, ref_state = ref_tx.update(dedup_grads(ref, x), ref_state, ref)
+        return optax.apply_updates(ref, updates), ref_state
+
+    opt_state, ref = tx.init(params), deduplicated(params)
+    ref_state = ref_tx.init(ref)
+    # At its first value it is the plain transformation.
+    plain = ost_optax.to_optax(ADAM[0], params)
+    first, _ = step(params, opt_state)
+    updates, _ = plain.update(structural_grads(params, x), plain.init(params), params)
+    np.testing.assert_array_equal(
+        first["enc"]["w"], optax.apply_updates(params, updates)["enc"]["w"]
+    )
+    for lr in (2**-7, 2**-5, 2**-9):
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        ref_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        params, opt_state = step(params, opt_state)
+        ref, ref_state = ref_step(ref, ref_state)
+        assert_tied(params)
+        assert_matches(params, ref)
+    assert len(traces) == 1
+
+
+def test_inject_hyperparams_with_an_optax_schedule_over_the_bridge() -> None:
+    schedule = optax.linear_schedule(2**-5, 2**-9, transition_steps=3)
+    tx = optax.inject_hyperparams(injected_adam(tied_params()))(learning_rate=schedule)
+    ref_tx = optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=0.875, b2=1 - 2**-10)
+    run_bridge(tx, ref_tx, steps=STEPS)
+
+
+def test_inject_hyperparams_over_rules_chosen_by_path() -> None:
+    """A function of the path as the rule, its learning rate injected (and scheduled by optax):
+    each parameter's rule follows it, as optax's multi_transform does on the de-duplicated
+    model."""
+    schedule = optax.linear_schedule(2**-5, 2**-9, transition_steps=3)
+
+    def factory(learning_rate: Any) -> Any:
+        def rule(path: Any) -> ost.Rule:
+            if path[-1] == "b":
+                return ost.Momentum(learning_rate, 0.9)
+            return ost.Adam(learning_rate, betas=(0.875, 1 - 2**-10))
+
+        return ost_optax.to_optax(rule, tied_params())
+
+    def ref_factory(learning_rate: Any) -> Any:
+        adam = optax.adam(learning_rate, b1=0.875, b2=1 - 2**-10)
+        sgd = optax.sgd(learning_rate, momentum=0.9)
+        return optax.multi_transform({"adam": adam, "sgd": sgd}, {"w": "adam", "b": "sgd"})
+
+    tx = optax.inject_hyperparams(factory)(learning_rate=schedule)
+    run_bridge(tx, optax.inject_hyperparams(ref_factory)(learning_rate=schedule), steps=STEPS)
+
+
+def test_a_rule_of_another_structure_at_update_is_refused() -> None:
+    """A transformation built anew at a step (as inject_hyperparams builds it) must build the
+    rule its state was set up with."""
+    params = tied_params()
+    made = ost_optax.to_optax(ost.Adam(jnp.asarray(0.1)), params)
+    opt_state = made.init(params)
+    before = jax.tree_util.tree_leaves(opt_state)
+    other = ost_optax.to_optax(ost.AMSGrad(jnp.asarray(0.1)), params)
+    g = structural_grads(params, draw(6, 4))
+    with pytest.raises(TypeError, match=r"AMSGrad.*set up for Adam of another structure"):
+        other.update(g, opt_state, params)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(opt_state), before, strict=True))
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "init"])
+def test_map_params_places_the_moments_on_a_mesh(with_model: bool) -> None:
+    """``optax.tree.map_params`` maps the moments (one per unique parameter) and nothing else;
+    the state it returns steps on the mesh, equal to optax on the de-duplicated model, and its
+    moments stay where they were placed."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+
+    def placement(x: Any) -> NamedSharding:
+        return NamedSharding(mesh, P("x") if x.shape[0] % 2 == 0 else P())
+
+    rule, adam = ADAM
+    params = tied_params()
+    tx = ost_optax.to_optax(rule, params if with_model else None)
+    opt_state = tx.init(params)
+    seen: list[tuple[int, ...]] = []
+
+    def place(x: jax.Array) -> jax.Array:
+        seen.append(tuple(x.shape))
+        return jax.device_put(x, placement(x))
+
+    placed = optax.tree.map_params(tx, place, opt_state)
+    assert sorted(seen) == [(3,), (3,), (4, 3), (4, 3)]  # mu and nu of the weight and the bias
+    for k in range(2):
+        for name in ("mu", "nu"):
+            moment = getattr(placed.states[k], name)
+            assert moment.sharding == placement(moment)
+        assert placed.states[k].count is opt_state.states[k].count
+    assert placed.step is opt_state.step
+    assert placed.plan == opt_state.plan
+    for a, b in zip(
+        jax.tree_util.tree_leaves((placed.hyper, placed.clocks)),
+        jax.tree_util.tree_leaves((opt_state.hyper, opt_state.clocks)),
+        strict=True,
+    ):
+        assert a is b
+
+    x = draw(6, 4)
+    params = jax.tree_util.tree_map(lambda p: jax.device_put(p, placement(p)), params)
+
+    @jax.jit
+    def step(params: Any, opt_state: Any) -> tuple[Any, Any]:
+        updates, opt_state = tx.update(structural_grads(params, x), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    ref = deduplicated(params)
+    ref_state = adam.init(ref)
+    for _ in range(STEPS):
+        params, placed = step(params, placed)
+        updates, ref_state = adam.update(dedup_grads(ref, x), ref_state, ref)
+        ref = optax.apply_updates(ref, updates)
+        assert_matches(params, ref)
+    assert placed.states[0].mu.sharding == placement(placed.states[0].mu)
+
+
+def test_numbers_are_the_states_and_adjust_changes_them() -> None:
+    """By hand: a learning rate given as a number is copied into the state, where adjust changes
+    it; the transformation does not write it back (only JAX arrays are the transformation's)."""
+    w = jnp.asarray([1.0, 2.0])
+    params = {"a": w, "b": w}
+    tx = ost_optax.to_optax(ost.Descent(0.5))
+    opt_state = ost.adjust(tx.init(params), lr=0.25)
+    grads = {"a": jnp.asarray([1.0, 1.0]), "b": jnp.asarray([3.0, -1.0])}
+    updates, _ = tx.update(grads, opt_state, params)
+    np.testing.assert_array_equal(updates["a"], [-1.0, 0.0])  # -0.25 * (g_a + g_b)
+    np.testing.assert_array_equal(updates["b"], [-1.0, 0.0])
+
+
+def test_an_array_hyperparameter_made_a_schedule_in_the_state_is_refused() -> None:
+    """A learning rate given to the rule as a JAX array is the transformation's; a schedule put
+    in its place in the state by adjust cannot be overwritten by it, and is refused."""
+    params = tied_params()
+    tx = ost_optax.to_optax(ost.Adam(jnp.asarray(0.1, jnp.float32)), params)
+    opt_state = ost.adjust(tx.init(params), lr=ost.schedules.linear(0.1, 0.0, 4))
+    before = jax.tree_util.tree_leaves(opt_state)
+    g = structural_grads(params, draw(6, 4))
+    with pytest.raises(TypeError, match=r"gives as a JAX array is a schedule in its state"):
+        tx.update(g, opt_state, params)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(opt_state), before, strict=True))
+
+
+WRAPPED = {
+    "inject_hyperparams": lambda model: optax.inject_hyperparams(injected_adam(model))(
+        learning_rate=2**-7
+    ),
+    "MultiSteps": lambda model: optax.MultiSteps(ost_optax.to_optax(ADAM[0], model), 2),
+    "apply_if_finite": lambda model: optax.apply_if_finite(ost_optax.to_optax(ADAM[0], model), 2),
+    "chain": lambda model: optax.chain(optax.scale(1.0), ost_optax.to_optax(ADAM[0], model)),
+}
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_map_params_through_optax_wrappers_of_the_bridge(name: str) -> None:
+    """optax's wrappers ask the bridge for its skeleton in their own: the bridge's moments are
+    mapped (beside the wrapper's own trees of the parameters), and the state still steps."""
+    params = tied_params()
+    tx = WRAPPED[name](params)
+    opt_state = tx.init(params)
+    seen: list[tuple[int, ...]] = []
+    mapped = optax.tree.map_params(tx, lambda v: seen.append(tuple(v.shape)) or v + 0, opt_state)
+    moments = [(3,), (3,), (4, 3), (4, 3)]  # the bridge's: mu and nu of the weight and the bias
+    # MultiSteps also keeps its accumulated gradient, one per position (a Transpose: its parent)
+    extra = [(3,), (4, 3), (4, 3), (4, 3)] if name == "MultiSteps" else []
+    assert sorted(seen) == sorted(moments + extra)
+    g = structural_grads(params, draw(6, 4))
+    ours, _ = tx.update(g, mapped, params)
+    theirs, _ = tx.update(g, opt_state, params)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_map_params_before_any_init_needs_the_model() -> None:
+    tx = ost_optax.to_optax(ost.Adam(0.1))
+    with pytest.raises(TypeError, match=r"map_params needs the structure.*to_optax\(rule, model\)"):
+        optax.tree.map_params(tx, lambda v: v, ost.setup(ost.Adam(0.1), tied_params()))

@@ -11,10 +11,12 @@ parameters go through one ``tx.update`` call together, so a transformation that 
 parameters is right too: in ``optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))`` a
 tied weight counts once in the global norm.
 
-**``to_optax(rule, model)``: optstate inside an optax loop.** An ``optax.GradientTransformation``
-whose state is an optstate ``State`` and whose updates move every position of a tied weight to
-the one new value, so ``updates, opt_state = tx.update(grads, opt_state, params)`` and
-``optax.apply_updates(params, updates)`` keep the tie.
+**``to_optax(rule, model)``: optstate inside an optax loop.** An
+``optax.GradientTransformationExtraArgs`` whose state is an optstate ``State`` and whose updates
+move every position of a tied weight to the one new value, so ``updates, opt_state =
+tx.update(grads, opt_state, params)`` and ``optax.apply_updates(params, updates)`` keep the tie.
+It takes optax's extra arguments, its ``inject_hyperparams``, ``tree.map_params``, ``MultiSteps``
+and ``apply_if_finite``, and NNX's ``nnx.Optimizer`` (see ``to_optax``).
 
 Example:
     >>> import jax, jax.numpy as jnp, optax, optstate as ost
@@ -44,13 +46,10 @@ import numpy as np
 import optax  # type: ignore[import-untyped]
 
 from .. import _arrays
-from .._setup import RuleSpec, setup
-from .._state import State
-from .._update import retie, update
 from ..rules._base import AcrossParameters, Rule
 from ..rules._validate import Hyper, check_hyper, static
-from ..rules.sgd import Descent
 from ._optax_refusals import refuse_unrunnable
+from ._to_optax import to_optax as to_optax
 
 __all__ = ["OptaxRule", "from_optax", "to_optax"]
 
@@ -425,84 +424,3 @@ def _layout(transformation: Any, signature: tuple[Any, ...]) -> _Layout:
             )
         alone.append(sequence)
     return _Layout(treedef, joint_items, tuple(alone))
-
-
-# -- optstate -> optax -------------------------------------------------------------------------
-
-
-def to_optax(rule: RuleSpec, model: Any = None) -> optax.GradientTransformation:
-    """A tie-aware ``optax.GradientTransformation`` that runs optstate's ``rule``, for code that
-    keeps its optax loop.
-
-    ``init(params)`` is ``optstate.setup(rule, params)``: the optax state is an optstate
-    ``State``. ``update(grads, state, params)`` takes the structural gradient (one partial
-    gradient per position, as ``jax.grad`` gives it), sums each tied weight's gradients once,
-    runs the rule once per unique parameter, and returns updates that move every position of a
-    tied weight to its one new value: after ``optax.apply_updates(params, updates)`` the
-    positions of a tie are equal again (not one object: optax makes a new array per position,
-    and the next ``update`` takes the tie from the state's plan). ``params`` is required.
-
-    ``rule`` is whatever ``optstate.setup`` takes (a rule, a tree of rules, a function of the
-    path). ``model``, if given, is where the ties are read from (now, eagerly); ``init`` then
-    only needs ``params`` of the same structure, so it may run inside ``jax.jit`` or on
-    parameters whose ties a jitted step has already turned into copies. Without ``model`` the
-    ties are found in the ``params`` given to ``init``, which must then still hold them (the
-    same array at every position of a weight, or ``optstate.Transpose``).
-
-    The update at a position is its new value minus its value in ``params``; at positions that
-    are not parameters it is zero. Place this transformation last in an ``optax.chain``:
-    transformations before it see one gradient per position (a tie counted once per use), and
-    ones after it change the updates of each position on its own. Tie-aware clipping and decay
-    are optstate rules (``optstate.ClipGlobalNorm``, ``optstate.OptimiserChain``).
-
-    Example:
-        >>> import jax, jax.numpy as jnp, optax, optstate as ost
-        >>> from optstate.interop import optax as ost_optax
-        >>> w = jnp.ones((2, 2))
-        >>> params = {"a": w, "b": w}                # one weight at two positions
-        >>> tx = ost_optax.to_optax(ost.Adam(0.25), params)
-        >>> opt_state = tx.init(params)
-        >>> grads = {"a": jnp.ones((2, 2)), "b": jnp.zeros((2, 2))}
-        >>> updates, opt_state = tx.update(grads, opt_state, params)
-        >>> params = optax.apply_updates(params, updates)
-        >>> bool((params["a"] == params["b"]).all()), float(params["a"][0, 0])
-        (True, 0.75)
-
-    Raises:
-        TypeError: ``update`` without ``params``, or with a state that is not an optstate
-            ``State``.
-        StructureError: ``params`` without the structure of ``model``.
-    """
-    ties = None if model is None else setup(Descent(), model)  # the tie plan, read now
-
-    def init(params: Any) -> State:
-        return setup(rule, params if ties is None else retie(ties, params))
-
-    def step(grads: Any, state: Any, params: Any = None) -> tuple[Any, State]:
-        if params is None:
-            raise TypeError(
-                "the optstate transformation needs the parameters: call "
-                "tx.update(grads, opt_state, params), so that every position of a tied weight "
-                "can be moved to the same new value"
-            )
-        if not isinstance(state, State):
-            raise TypeError(
-                f"the optstate transformation's state is an optstate State (from tx.init), got "
-                f"{type(state).__name__}"
-            )
-        state, new = update(state, retie(state, params), grads)
-        return _differences(new, params), state
-
-    return optax.GradientTransformation(init, step)
-
-
-def _differences(new: Any, old: Any) -> Any:
-    """``new - old`` at every position (Transpose nodes are gone through to their parents), zero
-    where nothing is trained."""
-
-    def difference(n: Any, o: Any) -> Any:
-        if _arrays.is_trainable(o):
-            return n - o
-        return jnp.zeros_like(o)
-
-    return jax.tree_util.tree_map(difference, new, old)
