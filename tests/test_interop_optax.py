@@ -808,3 +808,20 @@ def test_map_params_before_any_init_needs_the_model() -> None:
     tx = ost_optax.to_optax(ost.Adam(0.1))
     with pytest.raises(TypeError, match=r"map_params needs the structure.*to_optax\(rule, model\)"):
         optax.tree.map_params(tx, lambda v: v, ost.setup(ost.Adam(0.1), tied_params()))
+
+
+def test_a_bridged_transformation_can_only_end_a_chain():
+    """optax's update is added to the parameter; the rule after it in a chain would take it as a
+    gradient and subtract it: a clip bridged before Descent would climb the gradient."""
+    clip = ost_optax.from_optax(optax.clip_by_global_norm(1.0))
+    with pytest.raises(TypeError, match=r"argument 0\): OptaxRule gives a whole update"):
+        ost.OptimiserChain(clip, ost.Descent(1.0))
+    with pytest.raises(TypeError, match=r"argument 0\): SkipNonFinite\(OptaxRule\)"):
+        ost.OptimiserChain(ost.SkipNonFinite(clip), ost.Descent(1.0))
+    # at the end of a chain it is the update, as in optax
+    model = {"w": jnp.zeros(2)}
+    state = ost.setup(
+        ost.OptimiserChain(ost.ClipGrad(10.0), ost_optax.from_optax(optax.sgd(1.0))), model
+    )
+    _, new = ost.update(state, model, {"w": jnp.asarray([3.0, 4.0])})
+    np.testing.assert_allclose(new["w"], [-3.0, -4.0])

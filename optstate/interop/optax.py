@@ -38,7 +38,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,8 @@ class OptaxRule(AcrossParameters):
             the transformation, as ``(name, value)`` pairs; they are the rule's hyper-parameters,
             which ``optstate.adjust`` changes.
     """
+
+    final: ClassVar[bool] = True  # optax's update may be a gradient or a step: taken as a step
 
     wrapped: _Transformation = static()
     hyperparams: tuple[tuple[str, float | None], ...] = static(())

@@ -56,6 +56,10 @@ class Rule:
     across: ClassVar[bool] = False
     # A rule that must wrap every other (it cannot stand inside a chain or another wrapper).
     outermost: ClassVar[bool] = False
+    # A rule whose step is a whole update, not a transformed gradient that another rule could
+    # take as its gradient: it can only end a chain (``from_optax``'s, whose optax update may be
+    # either, and is taken as an update).
+    final: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__

@@ -29,6 +29,13 @@ class OptimiserChain(AcrossParameters):
     def __init__(self, *rules: Rule) -> None:
         for i, rule in enumerate(rules):
             check_member(rule, f"OptimiserChain (argument {i})")
+            if i < len(rules) - 1 and _ends(rule):
+                raise TypeError(
+                    f"OptimiserChain (argument {i}): {rule.name()} gives a whole update, which "
+                    "the rules after it would take as their gradient; it can only end a chain. "
+                    "For an optax gradient transformation before optax's optimiser, chain them in "
+                    "optax and bridge the chain: from_optax(optax.chain(...))"
+                )
         object.__setattr__(self, "rules", tuple(rules))
 
     def __repr__(self) -> str:
@@ -91,6 +98,12 @@ class OptimiserChain(AcrossParameters):
             for r, g in zip(ready, grads, strict=True)
         ]
         return [tuple(m) for m in zip(*members, strict=True)] or [() for _ in states], steps
+
+
+def _ends(rule: Rule) -> bool:
+    """``rule``, or the last rule of a chain or wrapper it is, gives a whole update."""
+    members = rule.members()
+    return type(rule).final or (bool(members) and _ends(members[-1]))
 
 
 def _hold(ready: Any, new: Any, old: Any) -> Any:
