@@ -109,7 +109,9 @@ def retie(state: State, model: Any) -> Any:
     A parameter that was tied through NumPy views (``W`` and ``W.T``) comes back as a NumPy array
     with its views, since only NumPy arrays have views (JAX's ``W.T`` is a copy).
     A torch ``nn.Module`` is read as its named-parameter dict, which is returned.
-    ``optstate.jit`` returns ties as one array already: it needs no ``retie``.
+    ``state`` may also be an optax state that holds the state of a ``to_optax`` transformation
+    (under ``inject_hyperparams``, say). ``optstate.jit`` returns ties as one array already: it
+    needs no ``retie``.
 
     Example:
         >>> import jax, numpy as np, optstate as ost
@@ -121,7 +123,7 @@ def retie(state: State, model: Any) -> Any:
         >>> type(model["w"]).__name__, model["wt"].base is model["w"]
         ('ndarray', True)
     """
-    plan = _plan(state)
+    plan = _plan(_held_state(state))
     if _arrays.is_torch_module(model):
         from .interop.torch import parameters
 
@@ -134,6 +136,19 @@ def retie(state: State, model: Any) -> Any:
         if _arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]):
             bases[k] = np.array(bases[k])  # views are NumPy's: rebuilt on one NumPy array
     return treedef.unflatten(_place(plan, leaves, bases, changed=[True] * len(bases)))
+
+
+def _held_state(state: Any) -> Any:
+    """The one optstate ``State`` that ``state`` is or holds (an optax wrapper's state of a
+    ``to_optax`` transformation, such as ``inject_hyperparams``'s), else ``state`` itself."""
+    if isinstance(state, State):
+        return state
+    held = [
+        s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, State))
+        if isinstance(s, State)
+    ]
+    plans = {id(s.plan) for s in held}
+    return held[0] if len(plans) == 1 else state
 
 
 def _plan(state: Any) -> Plan:

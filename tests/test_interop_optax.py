@@ -646,6 +646,12 @@ def test_inject_hyperparams_over_the_bridge_follows_the_injected_learning_rate()
         assert_tied(params)
         assert_matches(params, ref)
     assert len(traces) == 1
+    # retie finds the bridge's state inside inject_hyperparams' state: one array again.
+    assert params["again"][0] is not params["enc"]["w"]
+    retied_params = ost.retie(opt_state, params)
+    assert retied_params["again"][0] is retied_params["enc"]["w"]
+    assert retied_params["dec"]["w"].parent is retied_params["enc"]["w"]
+    assert_matches(retied_params, ref)
 
 
 def test_inject_hyperparams_with_an_optax_schedule_over_the_bridge() -> None:
