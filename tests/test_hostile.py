@@ -7,7 +7,6 @@ another rule. References are hand-derived arithmetic and optax; after every erro
 the model are checked to be exactly as they were.
 """
 
-import contextlib
 import re
 import sys
 import time
@@ -18,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_rule_properties import RULES
+from compiles import counting_compiles
+from rules_under_test import RULES
 
 import optstate as ost
 from optstate import _walk
@@ -52,22 +52,6 @@ def assert_unchanged(before, state, model):
     assert after[2] == before[2], "the model holds other objects than before"
     for old, new in zip(before[0] + before[1], after[0] + after[1], strict=True):
         np.testing.assert_array_equal(new, old)
-
-
-@contextlib.contextmanager
-def counting_compiles():
-    """The XLA compilations that happen inside the block, as a list that grows."""
-    seen = []
-
-    def listener(name, secs, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            seen.append(secs)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def tied(xp, dtype, w):

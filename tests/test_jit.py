@@ -5,7 +5,6 @@ References: the tied cases of ../shared/reference/tied-cases.md (numbers compute
 optax on the de-duplicated model with the tie's gradients summed by hand, and the eager step.
 """
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -15,28 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compiles import counting_compiles
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optstate as ost
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def counting_compiles():
-    """The XLA compilations that happen inside the block, as a list that grows."""
-    seen = []
-
-    def listener(name, secs, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            seen.append(secs)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def close(actual, expected, rtol=1e-12):

@@ -7,7 +7,6 @@ weights equal optax's Adam on the model written with the weight once and its gra
 hand. Everything runs in float64 so that comparison can be tight.
 """
 
-import contextlib
 import os
 
 import jax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compiles import counting_compiles
 
 import optstate as ost
 
@@ -42,22 +42,6 @@ def start():
     }
     data = jnp.asarray(rng.normal(size=(BATCHES, 16, 6)))
     return model, [data[i] for i in range(BATCHES)], data
-
-
-@contextlib.contextmanager
-def counting_compiles():
-    """The XLA compilations that happen inside the block, as a list that grows."""
-    seen = []
-
-    def listener(name, secs, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            seen.append(secs)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def resident_bytes():

@@ -27,6 +27,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from rules_under_test import instances
 
 import optstate as ost
 from optstate._setup import _COMPILED_INIT_MIN_GROUP
@@ -283,38 +284,7 @@ def test_donating_update_on_a_sharded_tied_model(facts: dict[str, Any]) -> None:
     assert facts["donate_vs_eager"] < 1e-6
 
 
-RULES = [
-    ost.Descent(0.1),
-    ost.Momentum(0.1),
-    ost.Nesterov(0.1),
-    ost.Adam(),
-    ost.AdamW(),
-    ost.RAdam(),
-    ost.NAdam(),
-    ost.AdaMax(),
-    ost.AMSGrad(),
-    ost.OAdam(),
-    ost.AdaGrad(),
-    ost.AdaDelta(),
-    ost.AdaBelief(),
-    ost.RMSProp(momentum=0.9, centred=True),
-    ost.Rprop(),
-    ost.Lion(),
-    ost.Signum(),
-    ost.Yogi(),
-    ost.Lamb(),
-    ost.Lars(),
-    ost.Adafactor(min_dim_size_to_factor=2),
-    ost.OptimiserChain(ost.ClipGlobalNorm(1.0), ost.AccumGrad(2), ost.Adam()),
-    ost.SkipNonFinite(ost.Adam()),
-    ost.MixedPrecision(ost.Adam()),
-    ost.Muon(0.02),
-    ost.Adopt(),
-    ost.AdEMAMix(),
-    ost.ScheduleFreeSGD(),
-    ost.ScheduleFreeAdamW(),
-    ost.Prodigy(),
-]
+RULES = instances()  # the one list of rules under test, each as a Rule
 
 
 def muon_adamw(path: Any, x: Any) -> ost.Rule:
