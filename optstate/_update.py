@@ -144,7 +144,8 @@ def _held_state(state: Any) -> Any:
     if isinstance(state, State):
         return state
     held = [
-        s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, State))
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, State))
         if isinstance(s, State)
     ]
     plans = {id(s.plan) for s in held}
