@@ -7,6 +7,10 @@ its positions, applies the rule once, and puts the one new array back everywhere
 
 from . import implicit as implicit
 from . import schedules as schedules
+from ._adjust import adjust as adjust
+from ._adjust import freeze as freeze
+from ._adjust import hyperparams as hyperparams
+from ._adjust import thaw as thaw
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointMismatchError as CheckpointMismatchError
 from ._errors import CopyWarning as CopyWarning
@@ -19,15 +23,11 @@ from ._errors import TieError as TieError
 from ._eval_params import eval_params as eval_params
 from ._jit import jit as jit
 from ._setup import setup as setup
-from ._state import Plan as Plan
 from ._state import State as State
+from ._transpose import Transpose as Transpose
 from ._update import retie as retie
 from ._update import update as update
 from ._update import update_ as update_
-from .adjust import adjust as adjust
-from .adjust import freeze as freeze
-from .adjust import hyperparams as hyperparams
-from .adjust import thaw as thaw
 from .checkpoint import load as load
 from .checkpoint import save as save
 from .rules import AccumGrad as AccumGrad
@@ -68,6 +68,71 @@ from .rules import Signum as Signum
 from .rules import SkipNonFinite as SkipNonFinite
 from .rules import WeightDecay as WeightDecay
 from .rules import Yogi as Yogi
-from .transpose import Transpose as Transpose
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AMSGrad",
+    "AccumGrad",
+    "AdEMAMix",
+    "AdaBelief",
+    "AdaDelta",
+    "AdaGrad",
+    "AdaMax",
+    "Adafactor",
+    "Adam",
+    "AdamW",
+    "Adopt",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ClipGlobalNorm",
+    "ClipGrad",
+    "ClipNorm",
+    "CopyWarning",
+    "Descent",
+    "GroupSplitWarning",
+    "Lamb",
+    "Lars",
+    "Lion",
+    "MixedPrecision",
+    "Momentum",
+    "Muon",
+    "MuonDimensions",
+    "NAdam",
+    "Nesterov",
+    "OAdam",
+    "OptimiserChain",
+    "OptstateError",
+    "OptstateWarning",
+    "Prodigy",
+    "RAdam",
+    "RMSProp",
+    "Rprop",
+    "Rule",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
+    "SignDecay",
+    "Signum",
+    "SkipNonFinite",
+    "StaleParamsError",
+    "State",
+    "StructureError",
+    "TieError",
+    "Transpose",
+    "WeightDecay",
+    "Yogi",
+    "adjust",
+    "eval_params",
+    "freeze",
+    "hyperparams",
+    "implicit",
+    "jit",
+    "load",
+    "retie",
+    "save",
+    "schedules",
+    "setup",
+    "thaw",
+    "update",
+    "update_",
+]

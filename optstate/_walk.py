@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ._errors import StructureError
-from .transpose import Transpose, is_transpose
+from ._transpose import Transpose, is_transpose
 
 PyTreeDef = Any
 

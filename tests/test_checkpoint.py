@@ -397,7 +397,7 @@ def holds_parameter(tree: Any) -> bool:
     return any(isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.inexact) for x in arrays)
 
 
-def assert_ties(plan: ost.Plan, model: Any) -> None:
+def assert_ties(plan: Any, model: Any) -> None:
     """Every position of a parameter holds the one array: itself, in a ``Transpose``, or a NumPy
     view of it; different parameters share no memory."""
     leaves = positions(model)

@@ -11,8 +11,8 @@ from typing import Any
 
 import jax
 
+from .._transpose import Transpose
 from ..schedules import Schedule
-from ..transpose import Transpose
 from ._codec import CheckpointError, Json
 from ._values import OpaqueError, decode, encode_or_repr, resolve, same, type_name
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, cast
 import jax
 
 from .. import _arrays
-from ..transpose import is_transpose
+from .._transpose import is_transpose
 
 LOSS = "loss_fn"  # the path of the loss function: its own variables are named bare
 Undo = Callable[[], None]

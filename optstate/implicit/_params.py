@@ -15,8 +15,8 @@ from .. import _arrays
 from .._arrays import Perm
 from .._errors import StaleParamsError
 from .._ties import find_ties
+from .._transpose import is_transpose
 from .._walk import unwrap
-from ..transpose import is_transpose
 from ._objects import is_array, leaves
 
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _arrays
 from .._arrays import Perm
+from .._transpose import is_transpose
 from .._walk import unwrap
-from ..transpose import is_transpose
 from ._objects import Graph, Node, Place, Undo, is_array, is_compiled
 
 if TYPE_CHECKING:

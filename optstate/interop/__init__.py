@@ -4,3 +4,5 @@
   tie-aware optax transformations;
 * ``optstate.interop.torch``: PyTorch modules and ``.grad`` gradients.
 """
+
+__all__: list[str] = []  # the bridges are imported as submodules: optstate.interop.optax, .torch
