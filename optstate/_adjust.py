@@ -55,7 +55,7 @@ def freeze(state: State, where: Where) -> State:
     (a tuple of keys). Freezing one position of a tied parameter freezes the parameter: it is one
     array, so it cannot move at one position and stay at another.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"a": np.ones(2), "b": np.ones(2)}
         >>> state = ost.freeze(ost.setup(ost.Descent(1.0), model), "a")
@@ -97,7 +97,7 @@ def adjust(state: State, where: Where = None, /, **hyper: Any) -> State:
     hyper-parameters (one recompilation), and they keep stepping with the group: a
     ``ClipGlobalNorm`` or ``SkipNonFinite`` in the rule still sees all of its parameters.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> state = ost.setup(ost.Adam(1e-3), {"w": np.ones(3)})
         >>> ost.hyperparams(ost.adjust(state, lr=1e-4))["w"]["lr"]
@@ -190,7 +190,7 @@ def hyperparams(state: State, where: Where = None) -> dict[str, Any]:
     ``freeze``). Frozen parameters are included (with the values they would use when thawed);
     parameters without a rule are not.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> lr = ost.schedules.linear(1.0, 0.0, 4)
         >>> model = {"w": np.ones(2), "b": np.zeros(2)}

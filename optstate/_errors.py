@@ -20,7 +20,7 @@ __all__ = [
 class OptstateError(Exception):
     """Base class of the errors optstate raises of its own: catch it to catch any of them.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> state = ost.setup(ost.Adam(), {"w": np.ones(2)})
         >>> try:
@@ -62,7 +62,7 @@ class StaleParamsError(OptstateError, ValueError):
     by a pure ``optstate.update``, which returns new arrays) is not followed, since the loss
     would no longer read the recorded one. Take ``params(model)`` again.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from optstate import implicit
         >>> model = {"w": jnp.ones(2)}
@@ -90,7 +90,7 @@ class CopyWarning(OptstateWarning):
             warnings.simplefilter("ignore", optstate.CopyWarning)
             state = optstate.setup(rule, model)
 
-    Example:
+    Examples:
         >>> import warnings, numpy as np, optstate as ost
         >>> w = np.arange(6.0).reshape(2, 3)
         >>> with warnings.catch_warnings(record=True) as caught:

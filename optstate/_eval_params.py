@@ -33,7 +33,7 @@ def eval_params(state: State, model: Any) -> Any:
 
     Hyper-parameters are read as the next step would use them (schedules at the rule's clock).
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.array([[1.0, 2.0]])
         >>> model = {"w": w, "wt": ost.Transpose(w)}

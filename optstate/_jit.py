@@ -76,11 +76,13 @@ def jit(
 
     Args:
         fun: the function to compile.
-        donate_argnums, donate_argnames: arguments whose arrays the call may reuse for its
-            outputs (as for ``jax.jit``); their arrays are deleted by the call, also where the
-            same array is held by an argument not donated (it is one buffer).
-        static_argnums, static_argnames: arguments passed as they are (hashable values), as for
+        donate_argnums: positions of arguments whose arrays the call may reuse for its outputs
+            (as for ``jax.jit``); their arrays are deleted by the call, also where the same array
+            is held by an argument not donated (it is one buffer).
+        static_argnums: positions of arguments passed as they are (hashable values), as for
             ``jax.jit``.
+        donate_argnames: ``donate_argnums`` by name.
+        static_argnames: ``static_argnums`` by name.
         **options: passed to ``jax.jit`` (``in_shardings``, ``out_shardings``, ``device``,
             ``backend``, ``keep_unused``, ``compiler_options``, ...). ``in_shardings`` is a prefix
             of the positional arguments that are not static, ``out_shardings`` of the result, as
@@ -96,7 +98,7 @@ def jit(
         TypeError: at a call: a leaf that ``jax.jit`` cannot trace, such as a torch tensor or a
             NumPy array of strings.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, optstate as ost
         >>> w = jnp.ones((3, 2))
         >>> model = {"enc": w, "dec": ost.Transpose(w)}

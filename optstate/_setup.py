@@ -56,7 +56,7 @@ def setup(rule: RuleSpec, model: Any) -> State:
     tie was lost). The returned state carries the tie plan, so a jitted ``update`` keeps applying
     it.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.ones((2, 3))
         >>> ost.setup(ost.Momentum(0.1), {"enc": w, "dec": ost.Transpose(w)})

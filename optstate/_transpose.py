@@ -24,7 +24,7 @@ class Transpose:
     ``t.shape``, ``t.dtype``, ``t.ndim``, ``t.size``, ``np.asarray(t)`` and ``jnp.asarray(t)``.
     For an array of more than two axes, as for ``p.T``, the axes are reversed.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.arange(6.0).reshape(2, 3)
         >>> t = ost.Transpose(w)

@@ -44,7 +44,7 @@ def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tup
     reuse (each tied weight's one buffer once): the old arrays are deleted and the returned
     state and model must be used from then on. It saves a copy of every parameter and moment.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.array([1.0, 2.0])
         >>> model = (w, w)                      # one parameter at two positions
@@ -113,7 +113,7 @@ def retie(state: State, model: Any) -> Any:
     (under ``inject_hyperparams``, say). ``optstate.jit`` returns ties as one array already: it
     needs no ``retie``.
 
-    Example:
+    Examples:
         >>> import jax, numpy as np, optstate as ost
         >>> w = np.arange(6, dtype=np.float32).reshape(2, 3)
         >>> state = ost.setup(ost.Descent(0.5), {"w": w, "wt": w.T})

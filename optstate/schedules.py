@@ -243,7 +243,7 @@ def _steps(owner: str, name: str, value: Any, *, positive: bool = False) -> int:
 def constant(value: float) -> Schedule:
     """``value`` at every step (``optax.constant_schedule``).
 
-    Example:
+    Examples:
         >>> from optstate import schedules
         >>> float(schedules.constant(0.5)(10))
         0.5
@@ -255,7 +255,7 @@ def linear(init: float, end: float, steps: int, begin: int = 0) -> Schedule:
     """From ``init`` to ``end`` linearly over ``steps`` steps, starting at step ``begin``; ``init``
     before, ``end`` after (``optax.linear_schedule(init, end, steps, begin)``, the same order).
 
-    Example:
+    Examples:
         >>> from optstate import schedules
         >>> [float(schedules.linear(1.0, 0.0, 4, begin=2)(t)) for t in (0, 2, 3, 6, 9)]
         [1.0, 1.0, 0.75, 0.0, 0.0]
@@ -277,7 +277,7 @@ def cosine_decay(init: float, steps: int, alpha: float = 0.0) -> Schedule:
     :math:`v_t = v_0\,((1-\alpha)\,\tfrac12(1+\cos(\pi \min(t, T)/T)) + \alpha)`
     (``optax.cosine_decay_schedule(init, steps, alpha)``, the same order).
 
-    Example:
+    Examples:
         >>> from optstate import schedules
         >>> [round(float(schedules.cosine_decay(2.0, 10)(t)), 6) for t in (0, 5, 10, 20)]
         [2.0, 1.0, 0.0, 0.0]
@@ -303,7 +303,7 @@ def warmup_cosine(
     ``optax.warmup_cosine_decay_schedule(init, peak, warmup_steps, decay_steps, end)``. The
     arguments after ``peak`` are keyword-only: optax takes them in another order.
 
-    Example:
+    Examples:
         >>> from optstate import schedules
         >>> lr = schedules.warmup_cosine(1.0, warmup_steps=2, decay_steps=4)
         >>> [round(float(lr(t)), 6) for t in range(6)]
@@ -340,7 +340,7 @@ def exponential_decay(
     (``optax.exponential_decay(init, steps, rate, begin, staircase, end)``). The arguments after
     ``init`` are keyword-only: optax takes ``steps`` before ``rate``.
 
-    Example:
+    Examples:
         >>> from optstate import schedules
         >>> lr = schedules.exponential_decay(1.0, rate=0.5, steps=10)
         >>> [float(lr(t)) for t in (0, 10, 20)]
@@ -371,7 +371,7 @@ def piecewise_constant(values: Sequence[float], boundaries: Sequence[int]) -> Sc
     ``torch.optim.lr_scheduler.MultiStepLR`` or ``optax.piecewise_constant_schedule`` with the
     products of its scales as ``values``).
 
-    Example:
+    Examples:
         >>> from optstate import schedules
         >>> lr = schedules.piecewise_constant([1.0, 0.1, 0.01], [10, 20])
         >>> [float(lr(t)) for t in (0, 9, 10, 25)]
@@ -403,7 +403,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """``schedules[0]`` until ``boundaries[0]``, then ``schedules[i]`` counted from
     ``boundaries[i-1]`` (``optax.join_schedules``).
 
-    Example:
+    Examples:
         >>> from optstate import schedules
         >>> lr = schedules.join([schedules.constant(0.5), schedules.linear(1.0, 0.0, 2)], [3])
         >>> [float(lr(t)) for t in range(6)]

@@ -1,5 +1,7 @@
 """Every Python block of the README and of docs/ runs, in order, one namespace per file."""
 
+import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -7,11 +9,25 @@ import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The API reference pages hold mkdocstrings directives, not code: their examples are the
+# docstrings' own, run by the doctests.
+PAGES = [
+    ROOT / "README.md",
+    *sorted(p for p in (ROOT / "docs").rglob("*.md") if p.parent.name != "api"),
+]
+API = ROOT / "docs" / "api"
+MODULES = {
+    "optstate": "optstate.md",
+    "optstate.schedules": "schedules.md",
+    "optstate.implicit": "implicit.md",
+    "optstate.checkpoint": "checkpoint.md",
+    "optstate.interop.optax": "interop-optax.md",
+    "optstate.interop.torch": "interop-torch.md",
+}
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_code_blocks_run(page):
     blocks = BLOCK.findall(page.read_text())
     assert blocks, f"{page.name} has no python blocks"
@@ -37,3 +53,22 @@ def test_every_rule_is_in_the_rules_table():
     assert len(rules) >= 30
     missing = [name for name in rules if f"| `{name}(" not in table]
     assert not missing, f"rules missing from docs/rules.md: {missing}"
+
+
+@pytest.mark.parametrize("module", list(MODULES))
+def test_every_public_name_has_an_api_entry(module):
+    """The API reference documents each name of a public module's ``__all__`` (its anchor is
+    ``module.name``), and nothing that is not public."""
+    imported = importlib.import_module(module)
+    page = (API / MODULES[module]).read_text()
+    entries = set(re.findall(rf"^::: {re.escape(module)}\.(\w+)$", page, re.MULTILINE))
+    submodules = {n for n in imported.__all__ if inspect.ismodule(getattr(imported, n))}
+    assert entries == set(imported.__all__) - submodules
+
+
+def test_every_page_is_in_the_site():
+    """A page under docs/ that mkdocs.yml's nav does not list would be built but unreachable."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
+    missing = sorted(p for p in pages if f": {p}" not in nav)
+    assert not missing, f"pages missing from mkdocs.yml's nav: {missing}"

@@ -135,7 +135,7 @@ def load(path: str | os.PathLike[str], like: Any = None) -> Any:
     everything is built before ``load`` returns: an error never leaves a half-loaded state, and
     ``like`` is only read, never changed. See docs/checkpoints.md for the order of the checks.
 
-    Example:
+    Examples:
         >>> import os, tempfile, numpy as np, optstate as ost
         >>> w = np.array([1.0, 2.0])
         >>> model = {"enc": w, "dec": w}                       # one parameter, two positions

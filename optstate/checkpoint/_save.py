@@ -169,7 +169,7 @@ def save(path: str | os.PathLike[str], state: State, model: Any = None) -> None:
     the metadata must be no larger than ``load`` reads. Arrays are copied to the host one at a
     time while the file is written.
 
-    Example:
+    Examples:
         >>> import os, tempfile, numpy as np, optstate as ost
         >>> w = np.ones((2, 3))
         >>> model = {"enc": w, "dec": w.T}

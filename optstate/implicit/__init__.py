@@ -39,7 +39,7 @@ everything is restored when the loss returns or raises (meanwhile those places h
 values: do not read them from another thread). A place that holds a parameter but can be neither
 changed nor rebuilt is an error naming it: ``gradient`` never returns part of a gradient.
 
-Example:
+Examples:
     >>> import jax.numpy as jnp, optstate as ost
     >>> from optstate import implicit
     >>> w = jnp.array([[1.0, 2.0]])

@@ -50,7 +50,7 @@ def gradient(loss_fn: Callable[[], Any], ps: Params) -> Grads:
             JAX does not flatten, an attribute that cannot be set), or a jitted function that
             reads one sits where it cannot be replaced (the message names the place).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, numpy as np
         >>> from optstate import implicit
         >>> W = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
@@ -78,7 +78,7 @@ def value_and_gradient(loss_fn: Callable[[], Any], ps: Params) -> tuple[Any, Gra
     Raises:
         StaleParamsError, ValueError, TypeError: as ``gradient``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from optstate import implicit
         >>> model = {"w": jnp.array([3.0])}

@@ -33,7 +33,7 @@ class Grads:
     ``values`` holds one total per parameter, in the order and orientation of ``params``, each
     cast to its parameter's kind and dtype; a wrong count or shape is a ``ValueError``.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> from optstate import implicit
         >>> W = np.zeros((1, 2))
@@ -115,7 +115,7 @@ class Grads:
             A tree of the model's structure: a total at one position of each parameter,
             ``None`` elsewhere.
 
-        Example:
+        Examples:
             >>> import numpy as np, optstate as ost
             >>> from optstate import implicit
             >>> W = np.ones((2, 3))
@@ -166,7 +166,7 @@ class Grads:
         Returns:
             The ``Grads`` of ``params(model)``.
 
-        Example:
+        Examples:
             >>> import numpy as np, optstate as ost
             >>> from optstate import implicit
             >>> W = np.zeros((1, 2))

@@ -57,7 +57,7 @@ class Params:
     view of ``W`` (``W.T``) are all in ``ps`` when ``W`` is; an equal copy is not, and neither is
     JAX's ``W.T``, which is a new array.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> from optstate import implicit
         >>> W = np.ones((2, 3))
@@ -111,7 +111,7 @@ class Params:
         Raises:
             KeyError: ``x`` is neither a parameter nor an alias of one.
 
-        Example:
+        Examples:
             >>> import numpy as np, optstate as ost
             >>> from optstate import implicit
             >>> W = np.ones((2, 3))
@@ -219,7 +219,7 @@ def params(model: Any) -> Params:
     Returns:
         The ``Params``: the parameters in the order of their first positions.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> from optstate import implicit
         >>> x = np.array([[1.0], [2.0]])

@@ -88,7 +88,7 @@ def to_optax(rule: RuleSpec, model: Any = None) -> optax.GradientTransformationE
     change each position's update: element-wise ones keep the tie. ``optax.MultiSteps`` and
     ``optax.apply_if_finite`` wrap it as they wrap any optimiser.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, optax, optstate as ost
         >>> from optstate.interop import optax as ost_optax
         >>> w = jnp.ones((2, 2))

@@ -18,7 +18,7 @@ tx.update(grads, opt_state, params)`` and ``optax.apply_updates(params, updates)
 It takes optax's extra arguments, its ``inject_hyperparams``, ``tree.map_params``, ``MultiSteps``
 and ``apply_if_finite``, and NNX's ``nnx.Optimizer`` (see ``to_optax``).
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, optax, optstate as ost
     >>> from optstate.interop import optax as ost_optax
     >>> w = jnp.ones((2, 3))
@@ -189,7 +189,7 @@ def from_optax(transformation: Any) -> OptaxRule:
     * optax computes with JAX: NumPy parameters come back as NumPy arrays but their optax
       states are JAX arrays, and float64 needs ``jax_enable_x64``. Torch tensors are refused.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, optax, optstate as ost
         >>> from optstate.interop import optax as ost_optax
         >>> tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)

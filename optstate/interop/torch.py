@@ -29,7 +29,7 @@ leaves the module alone and returns ``(state, new)``, where ``new`` is the named
 of new tensors (one tensor for all names of a tied Parameter, requiring a gradient where the old
 one did), for ``torch.func.functional_call(module, new, args)``.
 
-Example:
+Examples:
     >>> import torch, optstate as ost
     >>> from optstate.interop import torch as ost_torch
     >>> lm = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 4, bias=False))
@@ -71,7 +71,7 @@ def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     steps when it is given a gradient; leave it out with a rule of ``None`` in ``setup`` to keep
     no state for it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from optstate.interop import torch as ost_torch
         >>> net = torch.nn.Linear(3, 2)
@@ -96,7 +96,7 @@ def grad_totals(model: nn.Module | Any) -> Any:
     tensors (the result has its structure). A parameter whose ``.grad`` is ``None`` gets
     ``None``: it does not step, as in ``torch.optim``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from optstate.interop import torch as ost_torch
         >>> W = torch.ones(2, 3, requires_grad=True)

@@ -50,7 +50,7 @@ class AdEMAMix(Rule):
     Reproduces ``optax.contrib.ademamix`` (whose ``b1, b2, b3`` are ``betas`` and ``beta3``),
     schedules included.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.zeros(2)}
         >>> state = ost.setup(ost.AdEMAMix(0.1, alpha=0.0), model)

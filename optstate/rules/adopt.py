@@ -49,7 +49,7 @@ class Adopt(Rule):
     Reproduces ``optax.contrib.adopt`` (with its default ``clip_value_fn``,
     :math:`t_0^{1/4}`); the defaults are optax's and the paper's.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.ones(2)}
         >>> state = ost.setup(ost.Adopt(0.1), model)

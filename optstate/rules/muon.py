@@ -23,7 +23,7 @@ class MuonDimensions(NamedTuple):
     JAX's layout ``(height, width, in, out)`` is ``MuonDimensions((0, 1, 2), 3)``; one of torch's
     layout ``(out, in, height, width)`` is ``MuonDimensions((1, 2, 3), 0)``.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> kernel = np.ones((3, 3, 4, 8))
         >>> rule = ost.Muon(0.02, dimension_numbers=ost.MuonDimensions((0, 1, 2), 3))
@@ -127,7 +127,7 @@ class Muon(Rule):
         ValueError: (from ``setup``, naming the parameter) a parameter that is not 2-D, or whose
             axes do not fit ``dimension_numbers``.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.eye(3)
         >>> state = ost.setup(ost.Muon(0.1, weight_decay=0.0), {"w": w, "wt": ost.Transpose(w)})

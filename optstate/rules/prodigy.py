@@ -65,7 +65,7 @@ class Prodigy(AcrossParameters):
     Reproduces ``optax.contrib.prodigy`` (whose ``estim_lr0`` and ``estim_lr_coef`` are ``d0``
     and ``d_coef``), all parameters together.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.zeros(2), "b": np.zeros(1)}
         >>> state = ost.setup(ost.Prodigy(), model)

@@ -117,7 +117,7 @@ class ScheduleFreeSGD(Rule):
     Reproduces ``optax.contrib.schedule_free_sgd`` (``b1`` is ``beta``), and
     ``optax.contrib.schedule_free_eval_params`` with ``eval_params``.
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.array([1.0, 2.0])}
         >>> state = ost.setup(ost.ScheduleFreeSGD(0.5), model)
@@ -177,7 +177,7 @@ class ScheduleFreeAdamW(Rule):
 
     Reproduces ``optax.contrib.schedule_free_adamw`` (and its ``schedule_free_eval_params``).
 
-    Example:
+    Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.zeros(2)}
         >>> state = ost.setup(ost.ScheduleFreeAdamW(0.1), model)
