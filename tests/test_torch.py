@@ -457,6 +457,8 @@ def test_errors_name_the_path_and_leave_everything_as_it_was() -> None:
         ost.update_(state, module, {"mix.bias": torch.zeros(3, dtype=torch.float64)})
     with pytest.raises(ost.StructureError, match=r"not parameters of the module: \['mix\.b'\]"):
         ost.update_(state, module, {"mix.b": torch.zeros(6, dtype=torch.float64)})
+    with pytest.raises(ost.StructureError, match=r"not parameters of the model: \['mix\.b'\]"):
+        ost.update_(state, ost_torch.parameters(module), {"mix.b": torch.zeros(6)})
     with pytest.raises(TypeError, match="a dict from its parameter names"):
         ost.update_(state, module, [torch.zeros(6)])
     # A state set up for another module: other names, or other shapes under the same names.
