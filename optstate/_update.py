@@ -60,7 +60,11 @@ def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tup
 
     A torch ``nn.Module`` is trained as its named-parameter dict (``optstate.interop.torch``):
     ``update`` leaves the module as it is and returns the new parameters as that dict, for
-    ``torch.func.functional_call``; ``update_`` writes them into the module.
+    ``torch.func.functional_call``; ``update_`` writes them into the module. For a module and for
+    a flat dict from names to tensors, a name missing from the ``grads`` dict is ``None``: that
+    parameter does not step, as ``torch.optim`` skips a Parameter whose ``.grad`` is ``None``,
+    and a tied name left out adds nothing to its twin's gradient. Every other model needs
+    ``grads`` of its own structure (``None`` at a leaf without a gradient).
 
     Raises:
         StructureError: ``model`` or ``grads`` does not have the structure the state was set up
@@ -172,9 +176,14 @@ def _step(
     if not verified:
         _check_model(plan, leaves, bases, model)
     grads = _structural(grads, model)
+    torch_model = any(_arrays.is_torch(b) for b in bases)
+    if torch_model:
+        from .interop.torch import named_grads  # only imported once torch is
+
+        grads = named_grads(model, grads)  # a name left out of a named dict: no gradient
     per_position = gather(plan.treedef, model, grads)
-    if any(_arrays.is_torch(b) for b in bases):
-        from .interop.torch import check_partials  # only imported once torch is
+    if torch_model:
+        from .interop.torch import check_partials
 
         check_partials(plan, bases, per_position, model)
     layout, given = _layout(plan, bases, per_position, model)

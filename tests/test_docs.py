@@ -32,11 +32,15 @@ def test_code_blocks_run(page):
     blocks = BLOCK.findall(page.read_text())
     assert blocks, f"{page.name} has no python blocks"
     namespace: dict = {"__name__": f"docs_{page.stem}"}
+    x64 = jax.config.jax_enable_x64  # a page may turn float64 on (recipes.md): for itself only
     # Documentation shows everyday code, written without the suite's strict promotion rules.
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-        for i, block in enumerate(blocks):
-            code = compile(block, f"{page.name}[block {i}]", "exec")
-            exec(code, namespace)
+    try:
+        with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+            for i, block in enumerate(blocks):
+                code = compile(block, f"{page.name}[block {i}]", "exec")
+                exec(code, namespace)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
 
 
 def test_every_rule_is_in_the_rules_table():

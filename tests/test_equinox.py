@@ -258,6 +258,7 @@ def test_shared_modules_work() -> None:
 
     state = ost.setup(RULE, model)
     assert len(state.plan.params) == 1  # the head's weight is not a leaf of a Shared model
+    assert state.plan.n_ties == 0  # Shared de-duplicated it: optstate agrees with optax
     opt_state = OPTAX.init(eqx.filter(model, eqx.is_array))
     ours, theirs = model, model
     for _ in range(STEPS):

@@ -209,6 +209,54 @@ def test_a_subset_of_names_from_the_deduplicated_dict() -> None:
     assert_close(ost_torch.parameters(ours), ost_torch.parameters(ref))
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("kind", ["module", "named_dict"])
+def test_names_missing_from_the_grads_are_not_stepped_as_in_torch_optim(
+    kind: str, in_place: bool
+) -> None:
+    """A name left out of the gradient dict is a Parameter without a gradient, for a module and
+    for its named dict alike: ``torch.optim`` skips a Parameter whose ``.grad`` is ``None`` (its
+    Adam step count does not advance), and a tied name left out beside its twin adds nothing."""
+    ours, ref = TiedLM(4), TiedLM(4)
+    opt = torch.optim.Adam(list(ref.parameters()), lr=LR, betas=BETAS, eps=EPS)
+    model: Any = ours if kind == "module" else ost_torch.parameters(ours)
+    state = ost.setup(ost.Adam(LR, BETAS, EPS), model)
+    for step in range(3):
+        x, y = batch(step)
+        current = ost_torch.parameters(model) if isinstance(model, nn.Module) else model
+
+        def loss(p: Any, x: Any = x, y: Any = y) -> torch.Tensor:
+            return lm_loss(functional_call(ours, p, (x,)), y)
+
+        # The de-duplicated dict: the tied total at "emb.weight", "head.weight" left out.
+        dedup = {name: t for name, t in current.items() if name != "head.weight"}
+        grads = torch.func.grad(loss)(dedup)
+        if step == 0:
+            del grads["mix.bias"]  # no gradient for the bias on the first step
+        state, model = (ost.update_ if in_place else ost.update)(state, model, grads)
+        opt.zero_grad()
+        lm_loss(ref(x), y).backward()
+        if step == 0:
+            ref.mix.bias.grad = None
+        opt.step()
+        new = ost_torch.parameters(model) if isinstance(model, nn.Module) else model
+        assert_close(dict(new), ost_torch.parameters(ref))
+        assert new["head.weight"] is new["emb.weight"]
+
+
+def test_names_missing_from_the_grads_of_a_numpy_dict_are_refused() -> None:
+    """Outside torch a gradient has the model's structure (``jax.grad`` gives every leaf): a
+    missing name is an error naming what was expected, with ``None`` the way to say "none"."""
+    w = np.ones((2, 2))
+    model = {"a": w, "b": w.T, "c": np.zeros(2)}
+    state = ost.setup(ost.Adam(LR), model)
+    with pytest.raises(ost.StructureError, match=r"expected \{'a': \*, 'b': \*, 'c': \*\}"):
+        ost.update(state, model, {"a": np.ones((2, 2)), "c": np.ones(2)})
+    _, new = ost.update(state, model, {"a": np.ones((2, 2)), "b": None, "c": None})
+    assert np.array_equal(new["c"], np.zeros(2))
+    assert new["b"].base is new["a"]
+
+
 def test_schedule_and_adjust_follow_torch_learning_rate_changes() -> None:
     """A schedule evaluated at the step count is ``ExponentialLR``; ``adjust`` is a change of
     ``param_groups[...]["lr"]``. Both act on the tied module as on torch.optim's."""
@@ -409,6 +457,8 @@ def test_errors_name_the_path_and_leave_everything_as_it_was() -> None:
         ost.update_(state, module, {"mix.bias": torch.zeros(3, dtype=torch.float64)})
     with pytest.raises(ost.StructureError, match=r"not parameters of the module: \['mix\.b'\]"):
         ost.update_(state, module, {"mix.b": torch.zeros(6, dtype=torch.float64)})
+    with pytest.raises(ost.StructureError, match=r"not parameters of the model: \['mix\.b'\]"):
+        ost.update_(state, ost_torch.parameters(module), {"mix.b": torch.zeros(6)})
     with pytest.raises(TypeError, match="a dict from its parameter names"):
         ost.update_(state, module, [torch.zeros(6)])
     # A state set up for another module: other names, or other shapes under the same names.

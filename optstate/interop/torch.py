@@ -15,7 +15,7 @@ so what it is given must say which kind of gradient it is:
   ``functional_call(module, params, args, tie_weights=False)`` over ``parameters(module)``. Pass
   the dict as it is; optstate sums the tied names. A dict that leaves names out (as ``torch.func``
   gives for the de-duplicated ``dict(module.named_parameters())``) means no gradient at those
-  names.
+  names, for the module and for a named dict of its tensors alike (``named_grads``).
 * *Totals*, one per Parameter: ``.grad`` after ``loss.backward()``, which autograd has already
   summed over every use. Pass ``grad_totals(model)``, which puts each total at **one** position
   and ``None`` at the others, so it is counted once. A dict that gives a Parameter's ``.grad``
@@ -164,7 +164,9 @@ def update_module(
     return _step(state, params, by_name, in_place=False, donate=False)
 
 
-def _by_name(params: dict[str, torch.Tensor], grads: Any) -> dict[str, Any]:
+def _by_name(
+    params: Mapping[str, torch.Tensor], grads: Any, owner: str = "the module"
+) -> dict[str, Any]:
     """A module's gradients as a dict over all its parameter names, ``None`` where none is given."""
     if grads is None:
         return dict.fromkeys(params)
@@ -177,10 +179,30 @@ def _by_name(params: dict[str, torch.Tensor], grads: Any) -> dict[str, Any]:
     unknown = [name for name in grads if name not in params]
     if unknown:
         raise StructureError(
-            f"grads has names that are not parameters of the module: {unknown[:5]}; its "
+            f"grads has names that are not parameters of {owner}: {unknown[:5]}; its "
             f"parameters are {list(params)[:8]}{' ...' if len(params) > 8 else ''}"
         )
     return {name: grads.get(name) for name in params}
+
+
+def named_grads(model: Any, grads: Any) -> Any:
+    """The gradients of a named dict of tensors (``parameters(module)``, or any flat dict from
+    names to tensors) with every name the gradient dict leaves out given as ``None``.
+
+    Such a dict is trained as its module is: a name missing from the gradients is a parameter
+    with no gradient, which does not step (``torch.optim`` skips a Parameter whose ``.grad`` is
+    ``None``), and a tied name missing beside its twin adds nothing to the twin's gradient.
+    Any other model, and a gradient that is not a dict, is returned as it is (its structure is
+    checked against the model's by ``update``)."""
+    if not (
+        isinstance(model, Mapping)
+        and isinstance(grads, Mapping)
+        and all(isinstance(k, str) and _arrays.is_torch(v) for k, v in model.items())
+    ):
+        return grads
+    if all(name in grads for name in model):
+        return grads
+    return _by_name(model, grads, "the model")
 
 
 def check_partials(plan: Plan, bases: list[Any], per_position: list[Any], model: Any) -> None:
