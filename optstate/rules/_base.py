@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import cast, namespace
-from ..schedules import MAX_STEP, Schedule
+from .._schedules import MAX_STEP, Schedule
 from ._validate import Hyper, Member, Static, check_hyper, declaration
 
 __all__ = ["Rule", "cast", "namespace"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..schedules import Schedule
+from .._schedules import Schedule
 
 __all__ = [
     "Hyper",
