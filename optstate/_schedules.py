@@ -39,7 +39,20 @@ def _steps_field() -> Any:
 
 class Schedule:
     """Base class: ``schedule(count)`` is the value at step ``count`` (an integer, or a 0-d integer
-    array of any namespace)."""
+    array of any namespace).
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> lr = ost.schedules.linear(0.1, 0.0, 10)
+        >>> isinstance(lr, ost.schedules.Schedule), float(lr(5))  # halfway down
+        (True, 0.05)
+        >>> model = {"w": np.zeros(2)}
+        >>> state = ost.setup(ost.Descent(lr), model)
+        >>> for _ in range(2):  # steps at lr(0) = 0.1 and lr(1) = 0.09
+        ...     state, model = ost.update(state, model, {"w": np.ones(2)})
+        >>> np.round(model["w"], 12)
+        array([-0.19, -0.19])
+    """
 
     def __call__(self, count: Any) -> Any:
         raise NotImplementedError
@@ -233,6 +246,16 @@ def _steps(owner: str, name: str, value: Any, *, positive: bool = False) -> int:
 def constant(value: float) -> Schedule:
     """``value`` at every step (``optax.constant_schedule``).
 
+    Args:
+        value: the value, a finite real number.
+
+    Returns:
+        The ``Schedule``.
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is not finite.
+
     Examples:
         >>> from optstate import schedules
         >>> float(schedules.constant(0.5)(10))
@@ -244,6 +267,15 @@ def constant(value: float) -> Schedule:
 def linear(init: float, end: float, steps: int, begin: int = 0) -> Schedule:
     """From ``init`` to ``end`` linearly over ``steps`` steps, starting at step ``begin``; ``init``
     before, ``end`` after (``optax.linear_schedule(init, end, steps, begin)``, the same order).
+
+    Args:
+        init: the value until step ``begin``.
+        end: the value from step ``begin + steps`` on.
+        steps: the length of the ramp, a positive integer.
+        begin: the step at which the ramp starts, an integer >= 0.
+
+    Returns:
+        The ``Schedule``.
 
     Examples:
         >>> from optstate import schedules
@@ -266,6 +298,14 @@ def cosine_decay(init: float, steps: int, alpha: float = 0.0) -> Schedule:
     r"""Half a cosine from ``init`` down to ``alpha * init`` over ``steps`` steps, then flat:
     :math:`v_t = v_0\,((1-\alpha)\,\tfrac12(1+\cos(\pi \min(t, T)/T)) + \alpha)`
     (``optax.cosine_decay_schedule(init, steps, alpha)``, the same order).
+
+    Args:
+        init: the value at step 0.
+        steps: the length of the decay :math:`T`, a positive integer.
+        alpha: the final value as a fraction of ``init``, :math:`\alpha`.
+
+    Returns:
+        The ``Schedule``.
 
     Examples:
         >>> from optstate import schedules
@@ -292,6 +332,16 @@ def warmup_cosine(
     until step ``decay_steps`` (which counts the warm-up), as
     ``optax.warmup_cosine_decay_schedule(init, peak, warmup_steps, decay_steps, end)``. The
     arguments after ``peak`` are keyword-only: optax takes them in another order.
+
+    Args:
+        peak: the value at the end of the warm-up.
+        warmup_steps: the length of the warm-up, a positive integer (keyword-only).
+        decay_steps: the step at which the decay ends, warm-up included (keyword-only).
+        init: the value at step 0 (keyword-only).
+        end: the value from step ``decay_steps`` on (keyword-only).
+
+    Returns:
+        The ``Schedule``.
 
     Examples:
         >>> from optstate import schedules
@@ -330,6 +380,18 @@ def exponential_decay(
     (``optax.exponential_decay(init, steps, rate, begin, staircase, end)``). The arguments after
     ``init`` are keyword-only: optax takes ``steps`` before ``rate``.
 
+    Args:
+        init: the value until step ``begin``.
+        rate: the factor per ``steps`` steps, positive (keyword-only).
+        steps: the period of one factor of ``rate``, a positive integer (keyword-only).
+        begin: the step at which the decay starts, an integer >= 0 (keyword-only).
+        staircase: apply ``rate`` once per whole period (keyword-only).
+        end: a bound, lower when ``rate < 1`` and upper when ``rate > 1`` (``None``: none;
+            keyword-only).
+
+    Returns:
+        The ``Schedule``.
+
     Examples:
         >>> from optstate import schedules
         >>> lr = schedules.exponential_decay(1.0, rate=0.5, steps=10)
@@ -360,6 +422,13 @@ def piecewise_constant(values: Sequence[float], boundaries: Sequence[int]) -> Sc
     """``values[0]`` before ``boundaries[0]``, ``values[i]`` from ``boundaries[i-1]`` on (as
     ``torch.optim.lr_scheduler.MultiStepLR`` or ``optax.piecewise_constant_schedule`` with the
     products of its scales as ``values``).
+
+    Args:
+        values: the values, one more than ``boundaries``.
+        boundaries: the steps at which the next value starts, increasing integers >= 0.
+
+    Returns:
+        The ``Schedule``.
 
     Examples:
         >>> from optstate import schedules
@@ -392,6 +461,13 @@ def piecewise_constant(values: Sequence[float], boundaries: Sequence[int]) -> Sc
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """``schedules[0]`` until ``boundaries[0]``, then ``schedules[i]`` counted from
     ``boundaries[i-1]`` (``optax.join_schedules``).
+
+    Args:
+        schedules: the schedules, one more than ``boundaries``; each counts from its start.
+        boundaries: the steps at which the next schedule starts, increasing integers >= 0.
+
+    Returns:
+        The ``Schedule``.
 
     Examples:
         >>> from optstate import schedules

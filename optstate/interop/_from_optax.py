@@ -50,7 +50,9 @@ class _Transformation:
 
 @dataclass(frozen=True, repr=False)
 class OptaxRule(AcrossParameters):
-    r"""An optax ``GradientTransformation`` as an optstate rule; make one with ``from_optax``.
+    r"""An optax ``GradientTransformation`` as an optstate rule.
+
+    Made by ``from_optax``, which checks the transformation and reads its hyper-parameters.
 
     Each unique parameter keeps the optax state ``transformation.init(param)`` of a model that is
     that parameter alone. A step runs ``transformation.update`` once for all the rule's
@@ -66,6 +68,13 @@ class OptaxRule(AcrossParameters):
         hyperparams: the numeric hyper-parameters of the ``optax.inject_hyperparams`` wrappers in
             the transformation, as ``(name, value)`` pairs; they are the rule's hyper-parameters,
             which ``optstate.adjust`` changes.
+
+    Examples:
+        >>> import numpy as np, optax
+        >>> from optstate.interop import optax as ost_optax
+        >>> rule = ost_optax.from_optax(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+        >>> type(rule).__name__, rule.hyper()
+        ('OptaxRule', {'learning_rate': 0.1})
     """
 
     final: ClassVar[bool] = True  # optax's update may be a gradient or a step: taken as a step
@@ -154,6 +163,13 @@ def from_optax(transformation: Any) -> OptaxRule:
       them from the first parameter that has a gradient.
     * optax computes with JAX: NumPy parameters come back as NumPy arrays but their optax
       states are JAX arrays, and float64 needs ``jax_enable_x64``. Torch tensors are refused.
+
+    Args:
+        transformation: an ``optax.GradientTransformation`` (called: ``optax.adam(1e-3)``, not
+            ``optax.adam``), hashable.
+
+    Returns:
+        An ``OptaxRule`` for ``optstate.setup``.
 
     Examples:
         >>> import jax.numpy as jnp, optax, optstate as ost
