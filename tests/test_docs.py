@@ -113,15 +113,18 @@ def _has_parameters(obj: object) -> bool:
 
 def missing_sections(obj: object) -> set[str]:
     """What the docstring of a public class or function lacks: a runnable example, and for one
-    that takes arguments an ``Args:`` section (a class made only by a function, ``State`` by
-    ``setup``, says so with "Made by ``...``" instead)."""
+    that takes arguments an ``Args:`` section (``Attributes:`` for a NamedTuple, whose fields are
+    its arguments; a class made only by a function, ``State`` by ``setup``, says so with "Made
+    by ``...``" instead)."""
     doc = inspect.getdoc(obj) or ""
     missing = set()
     if not re.search(r"^\s*>>> ", doc, re.MULTILINE):
         missing.add("an example")
     made_by_a_function = inspect.isclass(obj) and "Made by ``" in doc
-    if _has_parameters(obj) and not made_by_a_function and not re.search(r"^Args:$", doc, re.M):
-        missing.add("an Args section")
+    # A NamedTuple's arguments are its fields, which the API reference shows as attributes.
+    section = "Attributes" if inspect.isclass(obj) and hasattr(obj, "_fields") else "Args"
+    if _has_parameters(obj) and not made_by_a_function and f"\n{section}:\n" not in f"\n{doc}":
+        missing.add(f"an {section} section")
     return missing
 
 

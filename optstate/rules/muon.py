@@ -23,7 +23,7 @@ class MuonDimensions(NamedTuple):
     JAX's layout ``(height, width, in, out)`` is ``MuonDimensions((0, 1, 2), 3)``; one of torch's
     layout ``(out, in, height, width)`` is ``MuonDimensions((1, 2, 3), 0)``.
 
-    Args:
+    Attributes:
         reduction_axis: the axis or axes whose lengths multiply to the matrix's rows (*fan in*).
         output_axis: the axis or axes whose lengths multiply to its columns (*fan out*).
 
