@@ -14,10 +14,10 @@ import jax
 
 from . import _arrays
 from ._apply import evaluate
-from ._schedules import Schedule
 from ._state import Plan, State
 from ._update import _plan
 from ._walk import Key, position_keys, skeleton
+from .schedules import Schedule
 
 Where = str | Sequence[Key] | Callable[[tuple[Key, ...]], bool] | None
 

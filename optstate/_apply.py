@@ -15,9 +15,9 @@ import jax
 import numpy as np
 
 from . import _arrays
-from ._schedules import Schedule
 from ._state import Plan
 from .rules._base import increment
+from .schedules import Schedule
 
 # ``layout[pos]`` for a position without a gradient to use (none given, not a parameter, or its
 # parameter frozen or without a rule); otherwise the orientation of the given gradient.

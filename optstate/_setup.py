@@ -15,11 +15,11 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from . import _arrays, _copies
 from ._errors import GroupSplitWarning, StructureError, TieError
-from ._schedules import Schedule
 from ._state import Plan, State
 from ._ties import Param, find_ties
 from ._walk import Key, flatten, path_strings, position_keys, unwrap
 from .rules._base import Rule
+from .schedules import Schedule
 
 # A rule; a function of a position's path, or of its path and its leaf; or a tree prefix of rules.
 RuleSpec = Rule | Callable[[tuple[Key, ...]], Rule | None] | Callable[..., Rule | None] | Any

@@ -10,11 +10,11 @@ from typing import Any
 import jax
 
 from .. import _arrays
-from .._schedules import Schedule
 from .._state import Plan, State
 from .._transpose import is_transpose
 from .._update import _check_model, _check_structure, _place
 from .._walk import flatten, unwrap
+from ..schedules import Schedule
 from ._archive import Reader, open_checkpoint
 from ._codec import CheckpointError, CheckpointMismatchError, Json
 from ._kinds import Kind, convert, dtype_text, matches, numpy_dtype

@@ -11,8 +11,8 @@ from typing import Any
 
 import jax
 
-from .._schedules import Schedule
 from .._transpose import Transpose
+from ..schedules import Schedule
 from ._codec import CheckpointError, Json
 from ._values import OpaqueError, decode, encode_or_repr, resolve, same, type_name
 

@@ -24,13 +24,13 @@ import numpy as np
 import optax  # type: ignore[import-untyped]
 
 from .. import _arrays
-from .._schedules import Schedule
 from .._setup import RuleSpec, _rules_per_position, setup
 from .._state import State
 from .._update import retie, update
 from .._walk import flatten
 from ..rules._base import Rule
 from ..rules.sgd import Descent
+from ..schedules import Schedule
 
 try:  # what optax.tree.map_params hands to init in place of the parameters
     from optax.tree_utils._state_utils import (  # type: ignore[import-untyped]

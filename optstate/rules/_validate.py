@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .._schedules import Schedule
+from ..schedules import Schedule
 
 __all__ = [
     "Hyper",
