@@ -55,6 +55,19 @@ def freeze(state: State, where: Where) -> State:
     (a tuple of keys). Freezing one position of a tied parameter freezes the parameter: it is one
     array, so it cannot move at one position and stay at another.
 
+    Args:
+        state: the ``State`` to change.
+        where: the positions: a path such as ``"decoder"`` or ``"dec/w"`` (that position and
+            everything below it), a tuple of keys ``("layers", 0)``, or a predicate on a
+            position's path (a tuple of keys).
+
+    Returns:
+        A new ``State`` whose selected parameters are frozen (``state`` is unchanged).
+
+    Raises:
+        ValueError: a ``where`` that selects nothing.
+        TypeError: ``state`` is not a ``State``.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"a": np.ones(2), "b": np.ones(2)}
@@ -67,7 +80,32 @@ def freeze(state: State, where: Where) -> State:
 
 
 def thaw(state: State, where: Where = None) -> State:
-    """The state with the selected parameters trained again (all of them by default)."""
+    """The state with the selected parameters trained again (all of them by default).
+
+    Args:
+        state: the ``State`` to change.
+        where: the positions: a path such as ``"decoder"`` or ``"dec/w"`` (that position and
+            everything below it), a tuple of keys ``("layers", 0)``, or a predicate on a
+            position's path (a tuple of keys); ``None`` (the default) thaws every parameter.
+
+    Returns:
+        A new ``State`` whose selected parameters step again, their rule states as they were
+        when frozen (``state`` is unchanged).
+
+    Raises:
+        ValueError: a ``where`` that selects nothing.
+        TypeError: ``state`` is not a ``State``.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> model = {"a": np.ones(2), "b": np.ones(2)}
+        >>> grads = {"a": np.ones(2), "b": np.ones(2)}
+        >>> state = ost.freeze(ost.setup(ost.Descent(0.5), model), "a")
+        >>> state, model = ost.update(state, model, grads)  # "a" frozen: only "b" moves
+        >>> state, model = ost.update(ost.thaw(state), model, grads)  # both move by lr g
+        >>> model["a"], model["b"]
+        (array([0.5, 0.5]), array([0., 0.]))
+    """
     return _set_frozen(state, where, False)
 
 
@@ -96,6 +134,17 @@ def adjust(state: State, where: Where = None, /, **hyper: Any) -> State:
     of a rule group's parameters their own values gives them a variant of the group's
     hyper-parameters (one recompilation), and they keep stepping with the group: a
     ``ClipGlobalNorm`` or ``SkipNonFinite`` in the rule still sees all of its parameters.
+
+    Args:
+        state: the ``State`` to change.
+        where: the positions: a path such as ``"decoder"`` or ``"dec/w"`` (that position and
+            everything below it), a tuple of keys ``("layers", 0)``, or a predicate on a
+            position's path (a tuple of keys); ``None`` (the default) selects every parameter.
+            Positional-only, as ``state`` is.
+        **hyper: the new values by name (``lr=1e-4``): numbers, 0-d arrays or schedules.
+
+    Returns:
+        A new ``State``: the same rule states, the new hyper-parameters (``state`` is unchanged).
 
     Examples:
         >>> import numpy as np, optstate as ost
@@ -189,6 +238,16 @@ def hyperparams(state: State, where: Where = None) -> dict[str, Any]:
     ``update`` uses. ``where`` restricts the result to the parameters it selects (see
     ``freeze``). Frozen parameters are included (with the values they would use when thawed);
     parameters without a rule are not.
+
+    Args:
+        state: the ``State`` to read.
+        where: the positions: a path such as ``"decoder"`` or ``"dec/w"`` (that position and
+            everything below it), a tuple of keys ``("layers", 0)``, or a predicate on a
+            position's path (a tuple of keys); ``None`` (the default) reads every trained
+            parameter.
+
+    Returns:
+        A dict from each parameter's path to its rule's hyper-parameters (see above).
 
     Examples:
         >>> import numpy as np, optstate as ost

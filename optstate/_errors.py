@@ -33,26 +33,85 @@ class OptstateError(Exception):
 
 class OptstateWarning(UserWarning):
     """Base class of optstate's warnings: ``warnings.simplefilter("error", OptstateWarning)`` makes
-    them all errors."""
+    them all errors.
+
+    Examples:
+        >>> import warnings, numpy as np, optstate as ost
+        >>> w = np.arange(6.0).reshape(2, 3)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", ost.OptstateWarning)
+        ...     try:
+        ...         ost.setup(ost.Adam(), {"enc": w, "dec": w.T.copy()})  # a copy, not a tie
+        ...     except ost.OptstateWarning as warning:
+        ...         print(type(warning).__name__)
+        CopyWarning
+    """
 
 
 class StructureError(OptstateError, ValueError):
-    """A tree does not have the structure it was expected to have."""
+    """A tree does not have the structure it was expected to have.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> state = ost.setup(ost.Descent(), {"w": np.ones(2)})
+        >>> try:
+        ...     ost.update(state, {"v": np.ones(2)}, {"v": np.ones(2)})
+        ... except ost.StructureError as err:
+        ...     print(err)
+        the model does not have the structure the state was set up for ...; positions missing
+        from the model: model['w']; positions the state does not know: model['v']. ...
+    """
 
 
 class TieError(OptstateError, ValueError):
-    """Two positions overlap in memory in a way that cannot be trained as one parameter."""
+    """Two positions overlap in memory in a way that cannot be trained as one parameter.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> a = np.arange(6.0)
+        >>> try:
+        ...     ost.setup(ost.Descent(), {"x": a[:4], "y": a[2:]})  # overlapping slices
+        ... except ost.TieError as err:
+        ...     print(err)
+        model['x'] and model['y'] share memory, but neither is the other or its transpose ...
+    """
 
 
 class CheckpointError(OptstateError, ValueError):
     """A file that cannot be loaded as an optstate checkpoint: not a checkpoint at all, truncated
     or corrupted bytes, an archive that declares more than its records, or a format version newer
-    than this optstate reads. Nothing is loaded."""
+    than this optstate reads. Nothing is loaded.
+
+    Examples:
+        >>> import os, tempfile, optstate as ost
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = os.path.join(d, "notes.npz")
+        ...     with open(path, "w") as f:
+        ...         _ = f.write("not a checkpoint")
+        ...     try:
+        ...         ost.load(path)
+        ...     except ost.CheckpointError as err:
+        ...         print(str(err).removeprefix(path))
+         is not an optstate checkpoint: it is not a .npz (zip) file (it begins with b'not a ch')
+    """
 
 
 class CheckpointMismatchError(CheckpointError):
     """A sound checkpoint that does not fit ``like``: another model structure, other ties, other
-    parameter shapes or dtypes, or other rules. The message names the first path that differs."""
+    parameter shapes or dtypes, or other rules. The message names the first path that differs.
+
+    Examples:
+        >>> import os, tempfile, numpy as np, optstate as ost
+        >>> model, other = {"w": np.ones(2)}, {"w": np.ones(3)}
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = os.path.join(d, "ckpt.npz")
+        ...     ost.save(path, ost.setup(ost.Adam(), model), model)
+        ...     try:
+        ...         ost.load(path, like=(ost.setup(ost.Adam(), other), other))
+        ...     except ost.CheckpointMismatchError as err:
+        ...         print(str(err).removeprefix(path))
+        : model['w'] is float64[2] in the file, float64[3] in like
+    """
 
 
 class StaleParamsError(OptstateError, ValueError):
@@ -103,4 +162,18 @@ class CopyWarning(OptstateWarning):
 
 class GroupSplitWarning(OptstateWarning):
     """Rules that look across parameters (``ClipGlobalNorm``, ``SkipNonFinite``, ``from_optax``)
-    were set up in several groups of parameters, each of which then looks only at itself."""
+    were set up in several groups of parameters, each of which then looks only at itself.
+
+    Examples:
+        >>> import warnings, numpy as np, optstate as ost
+        >>> rules = {  # two rule structures: each group clips by its own global norm
+        ...     "a": ost.OptimiserChain(ost.ClipGlobalNorm(1.0), ost.Adam()),
+        ...     "b": ost.OptimiserChain(ost.ClipGlobalNorm(1.0), ost.Descent()),
+        ... }
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = ost.setup(rules, {"a": np.ones(2), "b": np.ones(2)})
+        >>> print(caught[0].message)
+        rules that look across parameters run once per group of parameters with one rule
+        structure, and this setup makes 2 such groups: ...
+    """

@@ -33,6 +33,14 @@ def eval_params(state: State, model: Any) -> Any:
 
     Hyper-parameters are read as the next step would use them (schedules at the rule's clock).
 
+    Args:
+        state: the ``State`` the model is trained with.
+        model: the model at the training point :math:`y`, as ``update`` returned it.
+
+    Returns:
+        The model with every schedule-free parameter at :math:`x`, its ties kept; ``model``
+        itself when the state has no schedule-free rule.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.array([[1.0, 2.0]])

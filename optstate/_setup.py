@@ -56,6 +56,16 @@ def setup(rule: RuleSpec, model: Any) -> State:
     tie was lost). The returned state carries the tie plan, so a jitted ``update`` keeps applying
     it.
 
+    Args:
+        rule: a rule, a tree of rules that is a prefix of the model, or a function of a position's
+            path (or of its path and leaf) returning a rule or ``None`` (see above).
+        model: the model, a pytree whose floating and complex arrays are its parameters (or a
+            torch ``nn.Module``).
+
+    Returns:
+        The ``State``: one rule state per unique parameter, the hyper-parameters as arrays, the
+        step count at 0, and the tie plan.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.ones((2, 3))

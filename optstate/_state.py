@@ -110,6 +110,8 @@ class Plan:
 class State:
     """What ``setup`` returns and ``update`` advances.
 
+    Made by ``setup``, not by hand: its tie plan and rule states must agree with each other.
+
     Attributes:
         states: one rule state per unique parameter, in the order of their first positions.
         hyper: per rule group, its variants of hyper-parameters (a tuple; one per distinct set of
@@ -120,6 +122,16 @@ class State:
             0-d int32 array, or a tuple of them for a chain, one per member).
         step: how many times ``update`` has run, a 0-d int32 array (saturating at ``2**31 - 1``).
         plan: the static tie plan (see ``Plan``).
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.ones((2, 3))
+        >>> model = {"enc": w, "dec": ost.Transpose(w), "b": np.zeros(3)}
+        >>> state = ost.setup(ost.Momentum(), model)
+        >>> state
+        State(Momentum; 2 parameters, 1 tied)
+        >>> int(state.step), [s.velocity.shape for s in state.states]  # b first, then w
+        (0, [(3,), (2, 3)])
     """
 
     __slots__ = ("_verified", "clocks", "hyper", "plan", "states", "step")

@@ -24,6 +24,9 @@ class Transpose:
     ``t.shape``, ``t.dtype``, ``t.ndim``, ``t.size``, ``np.asarray(t)`` and ``jnp.asarray(t)``.
     For an array of more than two axes, as for ``p.T``, the axes are reversed.
 
+    Args:
+        parent: the array (NumPy, JAX or torch) whose transpose this position holds.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.arange(6.0).reshape(2, 3)

@@ -44,6 +44,17 @@ def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tup
     reuse (each tied weight's one buffer once): the old arrays are deleted and the returned
     state and model must be used from then on. It saves a copy of every parameter and moment.
 
+    Args:
+        state: the ``State`` from ``setup`` or from the previous ``update``.
+        model: the model ``state`` was set up for, with its ties.
+        grads: the structural gradient (the model's structure, ``None`` where there is none) or an
+            ``optstate.implicit.Grads``.
+        donate: hand the old parameters' and states' buffers to XLA (JAX arrays; keyword-only).
+
+    Returns:
+        ``(state, model)``: the advanced state, and the model with every trained parameter's new
+        array at all of its positions.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> w = np.array([1.0, 2.0])
@@ -116,6 +127,14 @@ def retie(state: State, model: Any) -> Any:
     ``state`` may also be an optax state that holds the state of a ``to_optax`` transformation
     (under ``inject_hyperparams``, say). ``optstate.jit`` returns ties as one array already: it
     needs no ``retie``.
+
+    Args:
+        state: the ``State`` whose tie plan the model follows (or an optax state holding one).
+        model: the model, with the positions of a tie held by separate equal arrays.
+
+    Returns:
+        The model with one array at all positions of each parameter (its views and
+        ``Transpose`` wrappers rebuilt).
 
     Examples:
         >>> import jax, numpy as np, optstate as ost

@@ -8,6 +8,10 @@ References: hand-computed values, and the states and models that were saved.
 from __future__ import annotations
 
 import collections
+import gc
+import json
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,3 +255,98 @@ def test_a_version_1_file_loads():
         assert_same_arrays(
             ost.update(loaded_state, loaded_model, grads(3)), ost.update(state, model, grads(3))
         )
+
+
+# -- classes that moved since the file was written ---------------------------------------------
+
+
+def renamed_classes(path: Path, rename: Callable[[str, str], tuple[str, str]]) -> set[str]:
+    """Rewrite the file's metadata as if its classes had other names (``rename(module,
+    qualname)`` gives the name the file records instead); the names that were changed."""
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    changed: set[str] = set()
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            is_name = len(node) == 2 and all(isinstance(x, str) for x in node)
+            if is_name and node[0].startswith("optstate") and list(rename(*node)) != node:
+                changed.add(".".join(node))
+                return list(rename(*node))
+            return [walk(v) for v in node]
+        return node
+
+    meta = walk(json.loads(members["optstate.json"]))
+    members["optstate.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return changed
+
+
+def moved(modules: dict[str, str]) -> Callable[[str, str], tuple[str, str]]:
+    return lambda module, qualname: (modules.get(module, module), qualname)
+
+
+def moved_checkpoint(tmp_path: Path) -> tuple[Path, ost.State, Any]:
+    w = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]])
+    model = {"enc": w, "dec": ost.Transpose(w), "b": np.array([0.1, -0.2, 0.3])}
+    rule = ost.OptimiserChain(ost.ClipGlobalNorm(5.0), ost.Adam(ost.schedules.linear(0.1, 0.0, 4)))
+    state = ost.setup(rule, model)
+    grads = {"enc": np.full((2, 3), 0.5), "dec": ost.Transpose(np.ones((2, 3))), "b": np.ones(3)}
+    state, model = ost.update(state, model, grads)
+    return saved(tmp_path, state, model), state, model
+
+
+def test_classes_that_moved_are_found_by_their_name(tmp_path):
+    """A file names its classes by module and qualified name. One written when the schedules'
+    classes lived in ``optstate.schedules`` (the module is there, the attribute is gone), or
+    naming a rule module that no longer exists, loads: each class is the one optstate class of
+    that name, and the state and model are the ones saved."""
+    path, state, model = moved_checkpoint(tmp_path)
+    moves = {"optstate._schedules": "optstate.schedules", "optstate.rules.adam": "optstate.adam"}
+    assert renamed_classes(path, moved(moves)) == {
+        "optstate._schedules.Linear",
+        "optstate.rules.adam.Adam",
+        "optstate.rules.adam.AdamState",
+    }
+    loaded_state, loaded_model = ost.load(path)
+    assert_same_arrays(loaded_state, state)
+    assert_same_arrays(loaded_model, model)
+    assert loaded_model["dec"].parent is loaded_model["enc"]
+
+
+def test_a_class_of_no_name_optstate_has_is_refused(tmp_path):
+    path, _, _ = moved_checkpoint(tmp_path)
+    renamed = {"AdamState": ("optstate.rules.adam_v9", "AdamStateV9")}
+    renamed_classes(path, lambda module, qualname: renamed.get(qualname, (module, qualname)))
+    with pytest.raises(
+        CheckpointError,
+        match=r"the checkpoint names optstate\.rules\.adam_v9\.AdamStateV9, which this optstate "
+        r"does not have",
+    ):
+        ost.load(path)
+
+
+def test_a_moved_class_whose_name_two_classes_have_is_refused(tmp_path):
+    """Two optstate classes of the recorded name: the file cannot say which one it means."""
+    path, _, _ = moved_checkpoint(tmp_path)
+    renamed_classes(path, moved({"optstate._schedules": "optstate.schedules"}))
+
+    class Linear(ost.schedules.Schedule):
+        pass
+
+    Linear.__module__ = "optstate.elsewhere"
+    Linear.__qualname__ = "Linear"
+    try:
+        with pytest.raises(
+            CheckpointError,
+            match=r"names optstate\.schedules\.Linear, which has moved, and this optstate has 2 "
+            r"classes of that name \(optstate\._schedules\.Linear, optstate\.elsewhere\.Linear\)",
+        ):
+            ost.load(path)
+    finally:
+        del Linear
+        gc.collect()  # the class leaves Schedule.__subclasses__() for the tests that follow

@@ -135,6 +135,14 @@ def load(path: str | os.PathLike[str], like: Any = None) -> Any:
     everything is built before ``load`` returns: an error never leaves a half-loaded state, and
     ``like`` is only read, never changed. See docs/checkpoints.md for the order of the checks.
 
+    Args:
+        path: the checkpoint file.
+        like: ``None``, a ``State``, or a pair ``(state, model)`` that the file must fit; the
+            loaded arrays take the kind, device and sharding of their counterparts in it.
+
+    Returns:
+        The ``State``, or ``(state, model)`` if the file holds a model.
+
     Examples:
         >>> import os, tempfile, numpy as np, optstate as ost
         >>> w = np.array([1.0, 2.0])

@@ -169,6 +169,11 @@ def save(path: str | os.PathLike[str], state: State, model: Any = None) -> None:
     the metadata must be no larger than ``load`` reads. Arrays are copied to the host one at a
     time while the file is written.
 
+    Args:
+        path: the file to write (``.npz`` by convention); an existing file is replaced whole.
+        state: the ``State`` to save.
+        model: the model ``state`` was set up for (``None``: the state alone).
+
     Examples:
         >>> import os, tempfile, numpy as np, optstate as ost
         >>> w = np.ones((2, 3))

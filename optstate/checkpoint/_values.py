@@ -106,7 +106,12 @@ def type_name(cls: type) -> list[str]:
 
 def resolve(name: Json, base: type, where: str) -> Any:
     """The optstate class ``name`` (``[module, qualname]``), a subclass of ``base``. Classes of
-    other packages are never imported from a file: they need ``like``."""
+    other packages are never imported from a file: they need ``like``.
+
+    A class that has moved since the file was written (``optstate.schedules.Linear`` became
+    ``optstate._schedules.Linear``) is found by its qualified name: when the recorded module or
+    attribute is gone, the one subclass of ``base`` defined in optstate with that qualified name
+    stands for it (none, or more than one, is an error)."""
     module, qualname = name
     if not (module == "optstate" or str(module).startswith("optstate.")):
         raise OpaqueError(f"{where} is a {qualname} (from {module})")
@@ -115,13 +120,40 @@ def resolve(name: Json, base: type, where: str) -> Any:
         for part in str(qualname).split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError):
-        raise CheckpointError(
-            f"{where}: the checkpoint names {module}.{qualname}, which this optstate does not "
-            "have (a checkpoint from another version?)"
-        ) from None
+        obj = _moved(str(qualname), base, f"{where}: the checkpoint names {module}.{qualname}")
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise CheckpointError(f"{where}: {module}.{qualname} is not a {base.__name__}")
     return obj
+
+
+def _moved(qualname: str, base: type, named: str) -> type:
+    """The one optstate subclass of ``base`` (at any depth) whose qualified name is
+    ``qualname``, wherever it lives now."""
+    found: dict[type, None] = {}  # ordered, and each class once (diamonds reach one twice)
+    todo: list[type] = [base]
+    while todo:
+        subclasses: list[type] = todo.pop().__subclasses__()
+        for sub in subclasses:
+            if sub not in found:
+                found[sub] = None
+                todo.append(sub)
+    candidates = [
+        c
+        for c in found
+        if c.__qualname__ == qualname
+        and (c.__module__ == "optstate" or c.__module__.startswith("optstate."))
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CheckpointError(
+            f"{named}, which this optstate does not have (a checkpoint from another version?)"
+        )
+    places = ", ".join(sorted(f"{c.__module__}.{c.__qualname__}" for c in candidates))
+    raise CheckpointError(
+        f"{named}, which has moved, and this optstate has {len(candidates)} classes of that "
+        f"name ({places}): it cannot tell which one the file means"
+    )
 
 
 def rule_desc(rule: Rule) -> Json:

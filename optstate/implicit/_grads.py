@@ -33,6 +33,13 @@ class Grads:
     ``values`` holds one total per parameter, in the order and orientation of ``params``, each
     cast to its parameter's kind and dtype; a wrong count or shape is a ``ValueError``.
 
+    Args:
+        params: the ``Params`` the totals belong to.
+        values: one total gradient per parameter, in the order and orientation of ``params``.
+
+    Raises:
+        ValueError: not one value per parameter, or a value of another shape than its parameter.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> from optstate import implicit

@@ -88,6 +88,14 @@ def to_optax(rule: RuleSpec, model: Any = None) -> optax.GradientTransformationE
     change each position's update: element-wise ones keep the tie. ``optax.MultiSteps`` and
     ``optax.apply_if_finite`` wrap it as they wrap any optimiser.
 
+    Args:
+        rule: what ``optstate.setup`` takes: a rule, a tree of rules or a function of the path.
+        model: where to read the ties from, now (``None``: from the ``params`` given to
+            ``init``).
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs`` whose state is an optstate ``State``.
+
     Examples:
         >>> import jax, jax.numpy as jnp, optax, optstate as ost
         >>> from optstate.interop import optax as ost_optax

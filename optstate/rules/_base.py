@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import cast, namespace
-from ..schedules import MAX_STEP, Schedule
+from .._schedules import MAX_STEP, Schedule
 from ._validate import Hyper, Member, Static, check_hyper, declaration
 
 __all__ = ["Rule", "cast", "namespace"]
@@ -49,6 +49,27 @@ class Rule:
     of the contract, ``init`` and ``apply``; the module docstring has the rest. Fields are
     hyper-parameters unless declared ``static``; ``hyper(default, min=..., below=...)`` declares a
     range, which is checked here when the rule is made and by ``adjust``.
+
+    Examples:
+        >>> from dataclasses import dataclass
+        >>> import numpy as np, optstate as ost
+        >>> from optstate.rules import hyper
+        >>> @dataclass(frozen=True)
+        ... class SignDescent(ost.Rule):  # p - lr sign(g); no state, so no init
+        ...     lr: float = hyper(0.1, min=0)
+        ...
+        ...     def apply(self, hyper, state, param, grad):
+        ...         return state, hyper["lr"] * np.sign(grad)
+        >>> w = np.array([1.0, 2.0])
+        >>> state = ost.setup(SignDescent(), {"enc": w, "dec": w})
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, {"enc": w, "dec": w}, grads)
+        >>> model["enc"], model["dec"] is model["enc"]
+        (array([0.9, 2.1]), True)
+        >>> SignDescent(lr=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: SignDescent(lr=...) must be in [0, inf), got -1
     """
 
     # A rule that looks across all the parameters of its group (it defines ``apply_all``): its own

@@ -64,6 +64,35 @@ class Adafactor(Rule):
     exposed: optax's ``momentum``, ``decay_offset`` and ``multiply_by_parameter_scale=False``.
     Complex parameters are refused, as torch refuses them.
 
+    Args:
+        lr: the learning rate :math:`\eta` (the bound of :math:`\rho_t` with ``relative_step``).
+        beta2_decay: :math:`\tau`, the exponent of the decay :math:`1 - t^{\tau}`, at most 0.
+        eps: :math:`(\epsilon_1, \epsilon_2)`: the floor of the second moment's root (``None``:
+            the dtype's machine epsilon) and of the parameter's RMS.
+        d: the clipping threshold :math:`d` of :math:`\operatorname{RMS}(U)`.
+        weight_decay: :math:`\lambda`, multiplied by ``lr``.
+        relative_step: :math:`\rho_t = \min(\eta, 1/\sqrt t)`; ``False``: :math:`\rho_t = \eta`
+            (keyword-only).
+        factor_axes: ``"last"`` (torch) or ``"largest"`` (optax): which two axes are factored
+            (keyword-only).
+        min_dim_size_to_factor: the shortest factored axis; a parameter with a shorter one keeps a
+            full second moment (keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Adafactor(), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # first step: V = g^2, U = sign(g), alpha = RMS(p) lr = sqrt(2.5) * 0.01 = 0.0158114
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.984189, 2.015811]), True)
+
     Reference: Shazeer and Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost* (ICML 2018), https://arxiv.org/abs/1804.04235
     """

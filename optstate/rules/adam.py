@@ -101,6 +101,27 @@ class Adam(Rule):
     ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
     place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range (``lr < 0``, a beta outside [0, 1)).
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Adam(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # first step: p - lr sign(g)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.9, 2.1]), True)
+
     Reference: Kingma and Ba, *Adam: A Method for Stochastic Optimization* (ICLR 2015),
     https://arxiv.org/abs/1412.6980
     """
@@ -143,6 +164,27 @@ class AdamW(Rule):
 
     ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
     place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        weight_decay: :math:`\lambda`, multiplied by ``lr``.
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.AdamW(lr=0.1, weight_decay=0.5), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]  # p - lr (sign(g) + 0.5 p)
+        (array([0.85, 2.  ]), True)
 
     Reference: Loshchilov and Hutter, *Decoupled Weight Decay Regularization* (ICLR 2019),
     https://arxiv.org/abs/1711.05101

@@ -70,6 +70,30 @@ class RMSProp(Rule):
     momentum=momentum)`` (whose momentum acts after the learning rate: the same for a constant
     one).
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        alpha: :math:`\alpha`, the decay rate of :math:`v`, in [0, 1].
+        eps: :math:`\epsilon`, added to :math:`\sqrt{v}` (or under the root, ``eps_in_sqrt``).
+        momentum: :math:`\mu`, the factor of the buffer :math:`b`.
+        centred: divide by the root of the variance, :math:`v - \bar g^2` (keyword-only).
+        eps_in_sqrt: :math:`d = \sqrt{v + \epsilon}` (keyword-only).
+        initial_accumulator: the starting value of :math:`v` (keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.RMSProp(lr=0.01), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # v = 0.01 g^2: p - 10 lr sign(g)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.9, 2.1]), True)
+
     Reference: Tieleman and Hinton, *Lecture 6.5, rmsprop* (COURSERA: Neural Networks for Machine
     Learning, 2012); centred: Graves, *Generating Sequences With Recurrent Neural Networks* (2013),
     https://arxiv.org/abs/1308.0850
@@ -136,6 +160,27 @@ class AdaGrad(Rule):
     :math:`\sqrt{s + \epsilon}` instead; with ``initial_accumulator=0.1, eps=1e-7`` that is
     ``optax.adagrad``.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        lr_decay: :math:`\lambda`, the decay of the learning rate with the step count.
+        eps: :math:`\epsilon`, added to :math:`\sqrt{s}` (or under the root, ``eps_in_sqrt``).
+        initial_accumulator: the starting value of :math:`s` (keyword-only).
+        eps_in_sqrt: divide by :math:`\sqrt{s + \epsilon}` (keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.AdaGrad(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]  # s = g^2: p - lr sign(g)
+        (array([0.9, 2.1]), True)
+
     Reference: Duchi, Hazan and Singer, *Adaptive Subgradient Methods for Online Learning and
     Stochastic Optimization* (JMLR 2011), https://jmlr.org/papers/v12/duchi11a.html
     """
@@ -190,6 +235,26 @@ class AdaDelta(Rule):
     with :math:`\eta` = ``lr``, :math:`\rho` = ``rho``, :math:`\epsilon` = ``eps`` and
     :math:`v, u` starting at zero. Reproduces ``torch.optim.Adadelta`` and ``optax.adadelta``
     (which agree); complex parameters as torch, real and imaginary parts separately.
+
+    Args:
+        lr: the learning rate :math:`\eta`, multiplying :math:`\Delta`.
+        rho: :math:`\rho`, the decay rate of both running averages, in [0, 1].
+        eps: :math:`\epsilon`, inside both roots.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.AdaDelta(), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # first step: sqrt(eps / (0.1 g^2 + eps)) g, about sqrt(1e-5) sign(g) = 0.00316 sign(g)
+        >>> np.round(model["enc"], 5), model["dec"] is model["enc"]
+        (array([0.99684, 2.00316]), True)
 
     Reference: Zeiler, *ADADELTA: An Adaptive Learning Rate Method* (2012),
     https://arxiv.org/abs/1212.5701
@@ -264,6 +329,30 @@ class OAdam(Rule):
     no default learning rate, this one is Adam's. ``mu_dtype`` stores :math:`m` in another real
     dtype; the arithmetic is in the parameter's dtype.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        alpha: :math:`\alpha`, the weight of the present ratio.
+        beta: :math:`\beta`, the weight of the optimistic correction.
+        nesterov: use the Nesterov form of :math:`\hat m` (keyword-only).
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.OAdam(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # m^ = g (1 + 0.09/0.19): p - 0.1474 sign(g)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.852632, 2.147368]), True)
+
     Reference: Daskalakis, Ilyas, Syrgkanis and Zeng, *Training GANs with Optimism* (ICLR 2018),
     https://arxiv.org/abs/1711.00141
     """
@@ -330,6 +419,28 @@ class AdaBelief(Rule):
     ``optax.adabelief`` (torch has no such rule), complex parameters included; optax has no default
     learning rate, this one is the paper's.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of :math:`s`.
+        eps_root: :math:`\epsilon_r`, added to :math:`s` at every step.
+        nesterov: use the Nesterov form of :math:`\hat m` (keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.AdaBelief(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # s = 0.001 (0.9 g)^2: p - lr sign(g) / 0.9
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.888889, 2.111111]), True)
+
     Reference: Zhuang et al., *AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed
     Gradients* (NeurIPS 2020), https://arxiv.org/abs/2010.07468
     """
@@ -386,6 +497,27 @@ class Yogi(Rule):
     effective rate cannot grow as fast as Adam's. Reproduces ``optax.yogi`` (torch has no such
     rule), complex parameters included; optax has no default learning rate, this one is the
     paper's.
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        initial_accumulator: the starting value of :math:`m` and :math:`v` (keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Yogi(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # first step: lr (g + 9e-6) / (sqrt(g^2 + 1e-3) + eps), within 0.2 % of lr sign(g)
+        >>> np.round(model["enc"], 3), model["dec"] is model["enc"]
+        (array([0.9, 2.1]), True)
 
     Reference: Zaheer et al., *Adaptive Methods for Nonconvex Optimization* (NeurIPS 2018),
     https://papers.nips.cc/paper/8186-adaptive-methods-for-nonconvex-optimization

@@ -111,6 +111,27 @@ class RAdam(Rule):
     ``correct_before_eps=True`` adds :math:`\epsilon` to :math:`\sqrt{v/(1-\beta_2^t)}` instead, as
     ``optax.radam`` does (which switches at :math:`\rho_t \ge 5`, a difference only at exactly 5).
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        correct_before_eps: add :math:`\epsilon` after the bias correction (``optax.radam``).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.RAdam(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # rho_1 = 1 <= 5: momentum, p - lr g
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.9, 2.2]), True)
+
     Reference: Liu et al., *On the Variance of the Adaptive Learning Rate and Beyond* (ICLR 2020),
     https://arxiv.org/abs/1908.03265
     """
@@ -187,6 +208,30 @@ class NAdam(Rule):
     which is ``optax.nadam``. ``mu_dtype`` stores :math:`m` in another real dtype (e.g.
     ``jnp.bfloat16``); the arithmetic is in the parameter's dtype.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        momentum_decay: :math:`\psi`, how fast :math:`\mu_t` approaches :math:`\beta_1`.
+        momentum_schedule: ``False`` keeps :math:`\mu_t = \beta_1` (``optax.nadam``).
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.NAdam(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # first step: lr (1 + 0.1 mu_2 / (1 - mu_1 mu_2)) sign(g) = 0.1056 sign(g),
+        >>> # with mu_t = 0.9 (1 - 0.96**(0.004 t) / 2)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.894355, 2.105645]), True)
+
     Reference: Dozat, *Incorporating Nesterov Momentum into Adam* (ICLR 2016 workshop),
     https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
     """
@@ -258,6 +303,26 @@ class AdaMax(Rule):
     ``optax.adamax`` (which agree); complex parameters as torch, real and imaginary parts
     separately (optax would take the modulus).
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to :math:`|g|` in the running maximum.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.AdaMax(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # first step: lr (0.1 g / 0.1) / |g|
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]
+        (array([0.9, 2.1]), True)
+
     Reference: Kingma and Ba, *Adam: A Method for Stochastic Optimization* (ICLR 2015), section 7,
     https://arxiv.org/abs/1412.6980
     """
@@ -312,6 +377,27 @@ class AMSGrad(Rule):
     for complex parameters (real and imaginary parts separately). ``correct_before_max=True`` keeps
     the maximum of the bias-corrected :math:`v / (1-\beta_2^t)` instead, as ``optax.amsgrad`` does.
     ``mu_dtype`` stores :math:`m` in another real dtype; the arithmetic is in the parameter's dtype.
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        correct_before_max: keep the maximum of the bias-corrected second moment (optax's form).
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.AMSGrad(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]  # first step: as Adam's
+        (array([0.9, 2.1]), True)
 
     Reference: Reddi, Kale and Kumar, *On the Convergence of Adam and Beyond* (ICLR 2018),
     https://arxiv.org/abs/1904.09237

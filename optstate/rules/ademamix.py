@@ -50,6 +50,20 @@ class AdEMAMix(Rule):
     Reproduces ``optax.contrib.ademamix`` (whose ``b1, b2, b3`` are ``betas`` and ``beta3``),
     schedules included.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        beta3: :math:`\beta_3`, the decay rate of the slow average :math:`m_2`, in [0, 1).
+        alpha: :math:`\alpha`, the weight of the slow average.
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        eps_root: :math:`\bar\epsilon`, added to the second moment under the root.
+        weight_decay: :math:`\lambda`, multiplied by ``lr``.
+        mu_dtype: the dtype of :math:`m_1` and :math:`m_2` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.zeros(2)}

@@ -49,6 +49,18 @@ class Adopt(Rule):
     Reproduces ``optax.contrib.adopt`` (with its default ``clip_value_fn``,
     :math:`t_0^{1/4}`); the defaults are optax's and the paper's.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of :math:`m` and :math:`v`, in [0, 1).
+        eps: :math:`\epsilon`, the floor of :math:`\sqrt{v}`.
+        nesterov: step by :math:`\beta_1 m + (1-\beta_1) u` (keyword-only).
+        use_clipping: clip the normalised gradient to :math:`t_0^{1/4}` (keyword-only).
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.ones(2)}

@@ -31,6 +31,23 @@ class ClipGrad(Rule):
     separately. Passes the clipped gradient on, so it goes first in an ``OptimiserChain``.
     Reproduces ``optax.clip(delta)`` and Optimisers.jl's ``ClipGrad``. A tied parameter is clipped
     after its gradients are summed.
+
+    Args:
+        delta: :math:`\delta`, the bound of every element.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.OptimiserChain(ost.ClipGrad(1.5), ost.Descent(0.1)), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # g clipped to [1, -1.5]
+        (array([0.9 , 2.15]), True)
     """
 
     delta: float = hyper(10.0, min=0)
@@ -65,6 +82,24 @@ class ClipNorm(Rule):
     unchanged. Reproduces ``optax.clip_by_global_norm(max_norm)`` applied to one parameter at a
     time, and Optimisers.jl's ``ClipNorm``.
 
+    Args:
+        max_norm: :math:`c`, the largest norm passed on.
+        p: the order of the norm (``math.inf`` for the largest element).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.OptimiserChain(ost.ClipNorm(1.0), ost.Descent(1.0)), model)
+        >>> grads = {"enc": np.array([1.5, 2.0]), "dec": np.array([1.5, 2.0])}  # g = [3, 4]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # g = [3, 4] / 5, the sum clipped
+        (array([0.4, 1.2]), True)
+
     Reference: Pascanu et al., *On the difficulty of training recurrent neural networks*
     (ICML 2013).
     """
@@ -95,6 +130,23 @@ class ClipGlobalNorm(AcrossParameters):
     Within a chain the norm is taken of the gradients as they reach this rule. Squares are summed
     in at least float32. Reproduces ``optax.clip_by_global_norm(max_norm)`` (and
     ``torch.nn.utils.clip_grad_norm_`` but for the ``1e-6`` torch adds to the norm).
+
+    Args:
+        max_norm: :math:`c`, the largest global norm passed on.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.OptimiserChain(ost.ClipGlobalNorm(1.0), ost.Descent(1.0)), model)
+        >>> grads = {"enc": np.array([1.5, 2.0]), "dec": np.array([1.5, 2.0])}  # g = [3, 4]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # norm 5, the tie counted once
+        (array([0.4, 1.2]), True)
 
     Reference: Pascanu et al., *On the difficulty of training recurrent neural networks*
     (ICML 2013).

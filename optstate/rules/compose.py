@@ -21,6 +21,22 @@ class OptimiserChain(AcrossParameters):
     gradient, adds the decay term, then takes a momentum step. Every rule keeps its own state and
     hyper-parameters. The same as Optimisers.jl's ``OptimiserChain`` and ``optax.chain`` (with
     optax's sign convention: a step is subtracted, an optax update is added).
+
+    Args:
+        *rules: the rules, in the order they act on the gradient.
+
+    Raises:
+        TypeError: an argument that is not an optstate rule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.OptimiserChain(ost.ClipGrad(1.0), ost.Descent(0.1)), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # g clipped to [1, -1], then p - lr g
+        (array([0.9, 2.1]), True)
     """
 
     rules: tuple[Rule, ...] = member(many=True)

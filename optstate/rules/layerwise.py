@@ -47,6 +47,28 @@ class Lamb(Rule):
     learning rate; 1e-3 is Adam's. optax's ``lamb`` has no ``mu_dtype``, nor does this rule.
     torch.optim has no LAMB.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of the two moments, each in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        weight_decay: :math:`\lambda`, added to the Adam ratio before the trust ratio.
+        eps_root: :math:`\epsilon_r`, added to the second moment under the root.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Lamb(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> # u = sign(g) up to eps; trust ratio |p| / |u| = sqrt(5 / 2): p - 0.1581 sign(g)
+        >>> np.round(model["enc"], 4), model["dec"] is model["enc"]
+        (array([0.8419, 2.1581]), True)
+
     Reference: You et al., *Large Batch Optimization for Deep Learning: Training BERT in 76
     minutes* (ICLR 2020), https://arxiv.org/abs/1904.00962
     """
@@ -112,6 +134,28 @@ class Lars(Rule):
     its masks are a per-parameter choice of rule here), including complex parameters. optax has
     no default learning rate; with ``lr=1.0`` a step moves a parameter by the trust coefficient's
     fraction of its norm (before momentum). torch.optim has no LARS.
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        momentum: :math:`\mu`, the factor of the buffer :math:`b`.
+        weight_decay: :math:`\lambda`, added to the gradient before the trust ratio.
+        trust_coefficient: :math:`c`.
+        eps: :math:`\epsilon`, added to the gradient's norm.
+        nesterov: step by :math:`u + \mu b` (keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Lars(lr=1.0, trust_coefficient=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # |p| = |g|: p - 0.1 g
+        (array([0.9, 2.2]), True)
 
     Reference: You, Gitman and Ginsburg, *Large Batch Training of Convolutional Networks* (2017),
     https://arxiv.org/abs/1708.03888

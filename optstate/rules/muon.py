@@ -23,6 +23,10 @@ class MuonDimensions(NamedTuple):
     JAX's layout ``(height, width, in, out)`` is ``MuonDimensions((0, 1, 2), 3)``; one of torch's
     layout ``(out, in, height, width)`` is ``MuonDimensions((1, 2, 3), 0)``.
 
+    Attributes:
+        reduction_axis: the axis or axes whose lengths multiply to the matrix's rows (*fan in*).
+        output_axis: the axis or axes whose lengths multiply to its columns (*fan out*).
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> kernel = np.ones((3, 3, 4, 8))

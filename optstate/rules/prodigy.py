@@ -65,6 +65,21 @@ class Prodigy(AcrossParameters):
     Reproduces ``optax.contrib.prodigy`` (whose ``estim_lr0`` and ``estim_lr_coef`` are ``d0``
     and ``d_coef``), all parameters together.
 
+    Args:
+        lr: :math:`\eta`, the factor of the estimate (1, or a schedule peaking at 1).
+        betas: :math:`(\beta_1, \beta_2)`, the decay rates of :math:`m` and :math:`v`, in [0, 1).
+        beta3: :math:`\beta_3`, the decay rate of :math:`s` and :math:`N` (``None``:
+            :math:`\sqrt{\beta_2}`).
+        eps: :math:`\epsilon`, added to :math:`\sqrt v` (scaled by :math:`d`).
+        d0: :math:`d_0`, the first estimate.
+        d_coef: :math:`c`, the factor of every new estimate.
+        weight_decay: :math:`\lambda`, multiplied by :math:`\hat\eta`.
+        safeguard_warmup: use :math:`d` in place of :math:`\hat\eta` in :math:`s` (keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.zeros(2), "b": np.zeros(1)}

@@ -117,6 +117,17 @@ class ScheduleFreeSGD(Rule):
     Reproduces ``optax.contrib.schedule_free_sgd`` (``b1`` is ``beta``), and
     ``optax.contrib.schedule_free_eval_params`` with ``eval_params``.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        beta: :math:`\beta`, the interpolation between :math:`x` and :math:`z`, in (0, 1].
+        weight_decay: :math:`\lambda`, applied at :math:`y`.
+        weight_lr_power: :math:`r`, the power of the learning rate in the averaging weights.
+        warmup_steps: :math:`W`, the steps of a linear warm-up (``None``: none; keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
     Examples:
         >>> import numpy as np, optstate as ost
         >>> model = {"w": np.array([1.0, 2.0])}
@@ -176,6 +187,19 @@ class ScheduleFreeAdamW(Rule):
     ``ost.eval_params(state, model)`` returns :math:`x`, the model to evaluate.
 
     Reproduces ``optax.contrib.schedule_free_adamw`` (and its ``schedule_free_eval_params``).
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`: the interpolation weight, in (0, 1], and the decay
+            rate of :math:`v`, in [0, 1).
+        eps: :math:`\epsilon`, added to the root of the second moment.
+        weight_decay: :math:`\lambda`, applied at :math:`y`.
+        weight_lr_power: :math:`r`, the power of the learning rate in the averaging weights.
+        warmup_steps: :math:`W`, the steps of a linear warm-up (``None``: none; keyword-only).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
 
     Examples:
         >>> import numpy as np, optstate as ost

@@ -23,6 +23,16 @@ class Descent(Rule):
 
     Args:
         lr: the learning rate :math:`\eta`.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Descent(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # p - lr g
+        (array([0.9, 2.2]), True)
     """
 
     lr: float = hyper(0.1, min=0)
@@ -61,6 +71,25 @@ class Momentum(Rule):
     ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
     place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        momentum: :math:`\mu`, the factor of the previous velocity.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range (``lr < 0`` or ``momentum < 0``).
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Momentum(lr=0.1, momentum=0.9), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> for _ in range(2):
+        ...     state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # b = g, then 1.9 g: p - 0.29 g
+        (array([0.71, 2.58]), True)
+
     Reference: Polyak, *Some methods of speeding up the convergence of iteration methods* (1964).
     """
 
@@ -96,6 +125,24 @@ class Nesterov(Rule):
 
     ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
     place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        momentum: :math:`\mu`, the factor of the previous velocity.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range (``lr < 0`` or ``momentum < 0``).
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Nesterov(lr=0.1, momentum=0.9), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # b = g: p - lr (g + mu g)
+        (array([0.81, 2.38]), True)
 
     Reference: Sutskever et al., *On the importance of initialization and momentum in deep
     learning* (ICML 2013), after Nesterov (1983).

@@ -58,6 +58,27 @@ class Lion(Rule):
     optax has no default learning rate, 1e-3 is Optimisers.jl's (the paper advises 3-10 times
     smaller than AdamW's). torch.optim has no Lion.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`: the interpolation of the step and the decay of the
+            momentum, each in [0, 1).
+        weight_decay: :math:`\lambda`, multiplied by ``lr``.
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Lion(lr=0.1, weight_decay=0.0), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]  # p - lr sign(g)
+        (array([0.9, 2.1]), True)
+
     Reference: Chen et al., *Symbolic Discovery of Optimization Algorithms* (NeurIPS 2023),
     https://arxiv.org/abs/2302.06675
     """
@@ -103,6 +124,25 @@ class Signum(Rule):
     complex parameters, where :math:`\operatorname{sign}(z) = z / |z|`. optax has no default
     learning rate; 0.01 is that of the authors' MXNet ``Signum``. torch.optim has no Signum.
 
+    Args:
+        lr: the learning rate :math:`\eta`.
+        beta: :math:`\beta`, the decay rate of the momentum, in [0, 1).
+        mu_dtype: the dtype of :math:`m` (``None``: the parameter's).
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Signum(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> np.round(model["enc"], 6), model["dec"] is model["enc"]  # m = 0.1 g: p - lr sign(g)
+        (array([0.9, 2.1]), True)
+
     Reference: Bernstein et al., *signSGD: Compressed Optimisation for Non-Convex Problems*
     (ICML 2018), https://arxiv.org/abs/1802.04434
     """
@@ -136,6 +176,23 @@ class SignDecay(Rule):
     ``OptimiserChain``: ``OptimiserChain(SignDecay(1e-3), Adam())`` is Adam on the L1-penalised
     loss. Reproduces Optimisers.jl's ``SignDecay(λ)`` (same default); neither optax nor
     torch.optim has it. The field is named like ``WeightDecay``'s, its L2 counterpart.
+
+    Args:
+        weight_decay: :math:`\lambda`.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.OptimiserChain(ost.SignDecay(0.5), ost.Descent(0.1)), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # p - lr (g + 0.5 sign(p))
+        (array([0.85, 2.15]), True)
     """
 
     weight_decay: float = hyper(1e-3, min=0)
@@ -174,6 +231,27 @@ class Rprop(Rule):
     Reproduces ``torch.optim.Rprop`` (same arguments and defaults), complex parameters included.
     ``optax.rprop`` (0.2.8) differs: it applies each step one update late (its first update is
     zero) and does not clip ``lr`` at the first step.
+
+    Args:
+        lr: the first step size :math:`\Delta` of every element.
+        etas: :math:`(\eta^-, \eta^+)`, the factors of the step size when the gradient changes
+            sign or keeps it.
+        step_sizes: :math:`(\Delta_{\min}, \Delta_{\max})`, the bounds of the step size.
+
+    Raises:
+        ValueError: a hyper-parameter outside its range.
+        TypeError: a hyper-parameter that is neither a real number nor a schedule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.Rprop(lr=0.1), model)
+        >>> grads = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> for _ in range(2):
+        ...     state, model = ost.update(state, model, grads)
+        >>> model["enc"], model["dec"] is model["enc"]  # steps of 0.1, then 0.1 * 1.2
+        (array([0.78, 2.22]), True)
 
     Reference: Riedmiller and Braun, *A direct adaptive method for faster backpropagation
     learning: the RPROP algorithm* (IEEE ICNN 1993), https://doi.org/10.1109/ICNN.1993.298623

@@ -26,6 +26,26 @@ class AccumGrad(Rule):
     ``OptimiserChain(AccumGrad(4), Adam(1e-3))`` steps Adam once every 4 calls with the mean of 4
     gradients, as ``optax.MultiSteps(optax.adam(1e-3), every_k_schedule=4)`` and Optimisers.jl's
     ``AccumGrad`` do. A tied parameter accumulates its summed gradient, once per step.
+
+    Args:
+        n: how many gradients make one step, a positive integer.
+
+    Raises:
+        ValueError: ``n < 1``.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.OptimiserChain(ost.AccumGrad(2), ost.Descent(0.1)), model)
+        >>> first = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, first)
+        >>> model["enc"]  # the first of two: no step
+        array([1., 2.])
+        >>> second = {"enc": np.array([1.5, 1.0]), "dec": np.array([1.5, 1.0])}  # g = [3, 2]
+        >>> state, model = ost.update(state, model, second)
+        >>> model["enc"], model["dec"] is model["enc"]  # p - lr (g1 + g2) / 2 = p - 0.1 [2, 0]
+        (array([0.8, 2. ]), True)
     """
 
     n: int = static(1, check=positive_int)
@@ -64,6 +84,26 @@ class SkipNonFinite(AcrossParameters):
     otherwise it is ``rule``'s step. The test is on the summed gradients of all parameters the rule
     applies to, together, as ``optax.apply_if_finite`` tests all updates (without its limit on
     consecutive skips).
+
+    Args:
+        rule: the rule whose steps are skipped when a gradient is not finite.
+
+    Raises:
+        TypeError: ``rule`` is not an optstate rule.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> w = np.array([1.0, 2.0])
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> state = ost.setup(ost.SkipNonFinite(ost.Descent(0.1)), model)
+        >>> bad = {"enc": np.array([np.nan, 1.0]), "dec": np.array([0.5, -1.0])}
+        >>> state, model = ost.update(state, model, bad)
+        >>> model["enc"], int(state.states[0].skipped)  # unchanged, one step skipped
+        (array([1., 2.]), 1)
+        >>> good = {"enc": np.array([0.5, -1.0]), "dec": np.array([0.5, -1.0])}  # g = [1, -2]
+        >>> state, model = ost.update(state, model, good)
+        >>> model["enc"], model["dec"] is model["enc"]  # Descent's step, p - lr g
+        (array([0.9, 2.2]), True)
     """
 
     rule: Rule = member()
@@ -117,6 +157,27 @@ class MixedPrecision(Rule):
     its own dtype. Small steps that would round away in ``bfloat16`` accumulate in the copy.
     Parameters of 32 bits or more are stepped by ``rule`` directly. It must wrap the whole rule
     (``MixedPrecision(OptimiserChain(...))``), not stand inside a chain.
+
+    Args:
+        rule: the rule that steps the float32 copy (the whole rule: a chain goes inside).
+
+    Raises:
+        TypeError: ``rule`` is not an optstate rule.
+
+    Examples:
+        >>> import jax.numpy as jnp, optstate as ost
+        >>> w = jnp.ones(1, jnp.bfloat16)
+        >>> model = {"enc": w, "dec": w}  # one parameter at two positions
+        >>> grads = {"enc": jnp.full(1, 0.5, jnp.bfloat16), "dec": jnp.full(1, 0.5, jnp.bfloat16)}
+        >>> for rule in (ost.Descent(1e-3), ost.MixedPrecision(ost.Descent(1e-3))):
+        ...     state, m = ost.setup(rule, model), model
+        ...     for _ in range(10):  # g = 1; 1 - 0.001 rounds back to 1 in bfloat16
+        ...         state, m = ost.update(state, m, grads)
+        ...     print(float(m["enc"][0]), m["dec"] is m["enc"])
+        1.0 True
+        0.98828125 True
+
+        The copy reached 0.99, whose nearest ``bfloat16`` is 0.98828125 (spacing 2**-8 below 1).
 
     Reference: Micikevicius et al., *Mixed Precision Training* (ICLR 2018),
     https://arxiv.org/abs/1710.03740
