@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -20,8 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 Perm = tuple[int, ...] | None  # an axis permutation; None is the identity
-
-_MAX_PERMUTED_AXES = 4  # views with more axes are tied only as the same layout or a full reversal
 
 
 def namespace(*xs: Any) -> Any:
@@ -338,16 +335,21 @@ def view_permutation(root: Any, view: Any) -> Perm | Literal[False]:
     have = _axes(root)
     if want == have:
         return None
-    ndim = root.ndim
-    candidates: Sequence[tuple[int, ...]]
-    if ndim <= _MAX_PERMUTED_AXES:
-        candidates = list(itertools.permutations(range(ndim)))
-    else:
-        candidates = [tuple(range(ndim))[::-1]]
-    for perm in candidates:
-        if [have[i] for i in perm] == want:
-            return perm
-    return False
+    # ``view`` is ``root.transpose(perm)`` when its axes are ``root``'s (length, stride) pairs
+    # in the order ``perm``: match each of its axes to an unused axis of ``root`` with the same
+    # pair, in any number of dimensions. Axes with equal pairs are interchangeable (length-1
+    # axes, or broadcast ones), so taking the first unused one never misses a match; it also
+    # gives the lexicographically first such permutation.
+    unused: dict[tuple[int, int | None], list[int]] = {}
+    for i, axis in enumerate(have):
+        unused.setdefault(axis, []).append(i)
+    perm = []
+    for axis in want:
+        free = unused.get(axis)
+        if not free:
+            return False
+        perm.append(free.pop(0))
+    return tuple(perm)
 
 
 def same_view(base: Any, x: Any, perm: Perm) -> bool:
