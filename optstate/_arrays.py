@@ -71,6 +71,23 @@ def has_dtype(x: Any) -> bool:
     return is_numpy(x) or is_jax(x) or is_torch(x)
 
 
+def unusable(x: Any) -> str | None:
+    """Why the array ``x`` cannot be trained as a parameter, or ``None`` if it can: what
+    ``setup`` and ``update`` refuse with that reason, naming the position."""
+    if isinstance(x, np.matrix):
+        return (
+            "an np.matrix, whose * is a matrix product (a rule's g * g would be g @ g); pass "
+            "np.asarray(x), a plain ndarray over the same memory"
+        )
+    if is_torch(x) and x.device.type == "meta":
+        return (
+            f"a tensor on the meta device ({x.dtype}{list(x.shape)}), which has a shape but no "
+            "values to read or write; move the model to a real device (module.to_empty(device=...) "
+            "and initialise it) before setup"
+        )
+    return None
+
+
 def is_torch_module(x: Any) -> bool:
     """A ``torch.nn.Module``; false whenever torch was never imported."""
     torch = sys.modules.get("torch")

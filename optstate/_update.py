@@ -173,9 +173,9 @@ def _step(
     grads = _structural(grads, model)
     per_position = gather(plan.treedef, model, grads)
     if any(_arrays.is_torch(b) for b in bases):
-        from .interop.torch import check_partials  # only imported once torch is
+        from .interop.torch import checked_gradients  # only imported once torch is
 
-        check_partials(plan, bases, per_position, model)
+        per_position = checked_gradients(plan, bases, per_position, model)
     layout, given = _layout(plan, bases, per_position, model)
 
     active = _apply.active_params(plan, layout)
@@ -328,6 +328,9 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
                 f"{name(param.primary)} was a parameter at setup but is now {_describe(base)}; "
                 "a state set up for a different model?"
             )
+        why = _arrays.unusable(base)
+        if why is not None:
+            raise TypeError(f"{name(param.primary)} is {why}")
         if base.dtype != param.dtype or tuple(base.shape) != param.shape:
             raise ValueError(
                 f"{name(param.primary)} changed since setup: the state is for "
@@ -462,7 +465,7 @@ def _layout(
             and slot.perm is None
             and getattr(g, "dtype", None) == base.dtype
             and getattr(g, "shape", None) == base.shape
-            and not isinstance(g, Transpose)
+            and not isinstance(g, Transpose | np.matrix)
         ):  # the common case, an array just like its parameter: every check of _oriented holds
             layout[pos] = None
             given.append(g)
@@ -490,6 +493,8 @@ def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> tuple[Any,
             "the gradient at {path} is a Transpose, but the model holds no Transpose "
             "there; give a plain array"
         )
+    if isinstance(g, np.matrix):  # (scipy.sparse's todense()): its * would be a matrix product
+        g = np.asarray(g)
     if not hasattr(g, "shape"):
         if not isinstance(g, numbers.Number | list | tuple):
             raise fail(

@@ -183,6 +183,35 @@ def _by_name(params: dict[str, torch.Tensor], grads: Any) -> dict[str, Any]:
     return {name: grads.get(name) for name in params}
 
 
+def checked_gradients(
+    plan: Plan, bases: list[Any], per_position: list[Any], model: Any
+) -> list[Any]:
+    """The gradients of a model of torch tensors, checked (``check_partials``, and none on the
+    meta device), with sparse ones made dense. Called by ``update`` and ``update_``.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) is stepped as its dense equal: the rules
+    are those of ``torch.optim.Adam`` and its kin on a dense gradient, whose moments decay in
+    every row (``torch.optim.SparseAdam``'s lazy updates of the given rows only are another
+    algorithm)."""
+    check_partials(plan, bases, per_position, model)
+    out = per_position
+    for pos, leaf in enumerate(per_position):
+        g, depth = unwrap(leaf)
+        if not isinstance(g, torch.Tensor):
+            continue
+        if g.device.type == "meta":
+            raise ValueError(
+                f"the gradient at {path_string(model, pos, 'grads')} is a tensor on the meta "
+                f"device ({g.dtype}{list(g.shape)}), which has no values; compute it on the "
+                "parameter's device"
+            )
+        if g.layout != torch.strided:
+            if out is per_position:
+                out = list(per_position)
+            out[pos] = wrap(g.to_dense(), depth)
+    return out
+
+
 def check_partials(plan: Plan, bases: list[Any], per_position: list[Any], model: Any) -> None:
     """Refuse a structural gradient that gives a tied parameter its own ``.grad`` (the total
     autograd accumulated, or a view of it) at two or more positions: ``update`` would count that
@@ -218,6 +247,8 @@ def _is_view_of(g: Any, total: torch.Tensor) -> bool:
         return True
     return (
         _arrays.is_torch(g)
+        and g.layout == torch.strided
+        and total.layout == torch.strided
         and _arrays.has_memory(g)
         and _arrays.view_permutation(total, g) is not False
     )
