@@ -144,7 +144,8 @@ def _held_state(state: Any) -> Any:
     if isinstance(state, State):
         return state
     held = [
-        s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, State))
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, State))
         if isinstance(s, State)
     ]
     plans = {id(s.plan) for s in held}
@@ -407,6 +408,16 @@ def _check_state(plan: Plan, state: State, bases: list[Any], model: Any, err: Ex
         )
         return repr(shapes).replace("'", "")
 
+    for k, base in enumerate(bases):  # a tensor state left behind when the model moved
+        if not _arrays.is_torch(base) or k >= len(state.states):
+            continue
+        for x in jax.tree_util.tree_leaves(state.states[k]):
+            if _arrays.is_torch(x) and x.ndim and x.device != base.device:
+                raise ValueError(
+                    f"the state of {path_string(model, plan.params[k].primary)} holds a tensor "
+                    f"on {x.device}, but the parameter is on {base.device}; the state's tensors "
+                    "live on their parameter's device: call setup again after moving the model"
+                ) from err
     for r, rule in enumerate(plan.rules):
         variants = state.hyper[r] if r < len(state.hyper) else None
         wrong = (

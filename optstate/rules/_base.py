@@ -18,9 +18,12 @@ new parameter itself (``MixedPrecision``) overrides ``update_all``.
 
 ``update_`` on mutable arrays (NumPy, torch) first asks ``in_place``: a rule that has an in-place
 form (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) says yes where the arrays allow
-it, and ``update_all_`` then writes the new state and parameters into the arrays they already
-have, with the list operations of ``_inplace`` (one multi-tensor kernel per operation on torch).
-The pure ``apply`` stays the definition: the tests check that both forms agree.
+it, and ``update_all_`` then computes the new state and parameters with the list operations of
+``_inplace`` (one multi-tensor kernel per operation on torch) and returns them as writes into the
+arrays they already have; ``update_`` makes every write of the step at once, after every value is
+computed. Where a rule's group is the step's only one, ``fused_`` may instead step it with one
+fused kernel (``Adam``, ``AdamW``, ``AdaGrad`` on torch: ``_fused``). The pure ``apply`` stays
+the definition: the tests check that every form agrees with it.
 """
 
 from __future__ import annotations
@@ -125,12 +128,23 @@ class Rule:
 
     def update_all_(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> None:
-        """``update_all`` written into the arrays: the new parameters into ``params``, the new
-        rule states into the arrays of ``states``. Called only where ``in_place`` said yes, after
-        every other group of the step has been computed; it must not fail on such inputs, so a
-        failed step still leaves everything as it was."""
+    ) -> list[tuple[Any, Any]]:
+        """``update_all`` as writes: ``(array, new value)`` pairs that put the new parameters into
+        ``params`` and the new rule states into the arrays of ``states``. It writes nothing
+        itself (the values are new arrays): ``update_`` commits the writes of every group at
+        once, so no value is read after it was written (a gradient may be another parameter's
+        array) and a failure anywhere in the step leaves everything as it was. Called only where
+        ``in_place`` said yes, with one variant of hyper-parameters (``hyper``)."""
         raise NotImplementedError(f"{self.name()} has no in-place form")
+
+    def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        """Step these parameters in place with one fused kernel, if the arrays allow it, and say
+        whether it did (no rule can, unless it says so). Called only when this rule's group,
+        with one variant of hyper-parameters, is all the step writes: the kernel's one call is
+        then the step, and if it raises, nothing was written (counts raised before it are
+        lowered again)."""
+        del hyper, states, params, grads
+        return False
 
     # -- what the walk asks of a rule (containers override these) ------------------------------
 
