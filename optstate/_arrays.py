@@ -40,8 +40,16 @@ def is_tracer(x: Any) -> bool:
 
 def is_torch(x: Any) -> bool:
     """A ``torch.Tensor`` (``nn.Parameter`` included); false whenever torch was never imported."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    tensor = _TENSOR[0]
+    if tensor is None:
+        torch = sys.modules.get("torch")
+        if torch is None or not hasattr(torch, "Tensor"):  # (or torch is still being imported)
+            return False
+        tensor = _TENSOR[0] = torch.Tensor
+    return isinstance(x, tensor)
+
+
+_TENSOR: list[Any] = [None]  # torch.Tensor, once torch has been imported
 
 
 def is_trainable(x: Any) -> bool:
@@ -79,7 +87,7 @@ def unusable(x: Any) -> str | None:
             "an np.matrix, whose * is a matrix product (a rule's g * g would be g @ g); pass "
             "np.asarray(x), a plain ndarray over the same memory"
         )
-    if is_torch(x) and x.device.type == "meta":
+    if is_torch(x) and x.is_meta:
         return (
             f"a tensor on the meta device ({x.dtype}{list(x.shape)}), which has a shape but no "
             "values to read or write; move the model to a real device (module.to_empty(device=...) "
@@ -194,7 +202,11 @@ def coerce(g: Any, like: Any) -> Any:
     """A gradient as an array of the parameter's namespace and dtype (a ``float64`` gradient of a
     ``float32`` parameter is rounded to ``float32``)."""
     if is_torch(like):  # on the parameter's device too
-        if is_torch(g) and g.dtype == like.dtype and g.device == like.device:
+        if (
+            is_torch(g)
+            and g.dtype == like.dtype
+            and ((g.is_cpu and like.is_cpu) or g.device == like.device)
+        ):
             return g
         g = g if is_torch(g) else np.asarray(g)
         return sys.modules["torch"].as_tensor(g, dtype=like.dtype, device=like.device)

@@ -169,7 +169,8 @@ def _step(
     _check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
     verified = _returned_with(state, leaves)
-    if not verified:
+    # The very arrays of the last step: only what can change in place in them is checked again.
+    if not verified or not _unchanged(plan, leaves, bases):
         _check_model(plan, leaves, bases, model)
     grads = _structural(grads, model)
     per_position = gather(plan.treedef, model, grads)
@@ -244,9 +245,10 @@ def _step(
 
     changed = [False] * len(bases)
     for k in active:
+        if new_bases[k] is bases[k]:
+            continue  # written in place already (or the rule left it as it was)
         if in_place and _arrays.writable(bases[k]):
-            if new_bases[k] is not bases[k]:  # not already written by the rule's in-place form
-                _arrays.write_(bases[k], new_bases[k])
+            _arrays.write_(bases[k], new_bases[k])
             new_bases[k] = bases[k]  # every position already holds the new values
         else:
             changed[k] = True
@@ -254,14 +256,33 @@ def _step(
     new_state = State(new_states, state.hyper, new_clocks, count, plan)
     if compiled and len(active) == _apply.n_trained(plan):  # every array came out of the step
         new_state._verified = _references(new_leaves)
+    elif in_place and not compiled and not any(changed):  # the model's own arrays, checked
+        new_state._verified = _references(new_leaves, mutable=True)
     return new_state, treedef.unflatten(new_leaves)
 
 
-def _references(leaves: list[Any]) -> tuple[Any, ...] | None:
-    """Weak references to ``leaves`` if they are all JAX arrays (see ``State._verified``)."""
-    if not all(_arrays.is_jax(x) and not _arrays.is_tracer(x) for x in leaves):
+def _references(leaves: list[Any], *, mutable: bool = False) -> tuple[Any, ...] | None:
+    """Weak references to ``leaves`` if they are all JAX arrays (see ``State._verified``), or
+    with ``mutable``, all NumPy arrays and torch tensors (which ``_unchanged`` checks again)."""
+    if mutable:
+        if not all(_arrays.has_layout(x) for x in leaves):
+            return None
+    elif not all(_arrays.is_jax(x) and not _arrays.is_tracer(x) for x in leaves):
         return None
     return tuple(weakref.ref(x) for x in leaves)
+
+
+def _unchanged(plan: Plan, leaves: list[Any], bases: list[Any]) -> bool:
+    """The arrays of a model that ``update_`` returned, checked for what can change in place in
+    a NumPy array or torch tensor: shape, dtype and device (``module.half()`` and ``.data = ...``
+    keep the object), and the views that make ties. JAX arrays are immutable: always true."""
+    for param, base in zip(plan.params, bases, strict=True):
+        if base.dtype != param.dtype or base.shape != param.shape or _arrays.unusable(base):
+            return False
+    return all(
+        slot is None or slot.perm is None or _arrays.same_view(bases[slot.param], x, slot.perm)
+        for slot, x in zip(plan.slots, leaves, strict=True)
+    )
 
 
 def _returned_with(state: State, leaves: list[Any]) -> bool:

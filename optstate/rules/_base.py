@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._arrays import cast, namespace
+from .._arrays import cast, is_numpy, is_torch, namespace
 from ..schedules import MAX_STEP, Schedule
 from ._validate import Hyper, Member, Static, check_hyper, declaration
 
@@ -272,6 +272,10 @@ def _frozen(tree: Any) -> Any:
 def increment(count: Any) -> Any:
     """``count + 1`` for a step count, saturating at ``2**31 - 1`` instead of wrapping (as optax's
     counts do): a run that long keeps its last schedule value and bias correction."""
+    if is_torch(count):  # eager: a comparison of one number, cheaper than the array functions
+        return count + 1 if int(count) < MAX_STEP else count.clone()
+    if is_numpy(count):
+        return np.array(count + 1 if int(count) < MAX_STEP else count, dtype=count.dtype)
     xp = namespace(count)
     top = xp.asarray(MAX_STEP - 1, dtype=count.dtype)
     return xp.asarray(xp.minimum(count, top) + xp.asarray(1, dtype=count.dtype))

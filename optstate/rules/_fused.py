@@ -36,26 +36,30 @@ def fits(
     torch = sys.modules.get("torch")
     if torch is None or not params or not isinstance(params[0], torch.Tensor):
         return False
-    device, dtype = params[0].device, params[0].dtype
-    if str(dtype).removeprefix("torch.") not in FLOATS or torch.is_inference_mode_enabled():
+    dtype, strided = params[0].dtype, torch.strided
+    if dtype not in _dtypes(torch) or torch.is_inference_mode_enabled():
         return False
+    device = params[0].device
+    tensor = torch.Tensor
     written = [*params, *(x for kind in moments for x in kind)]
-    for x in [*written, *grads]:
+    cpu = params[0].is_cpu  # the common case, tested without making device objects
+    for x in (*written, *grads):  # real dtypes: no conjugate or negative bit to look at
         if not (
-            isinstance(x, torch.Tensor)
-            and x.device == device
-            and x.dtype == dtype
-            and x.layout == torch.strided
+            isinstance(x, tensor)
+            and x.dtype is dtype
             and x.is_contiguous()
-            and not x.is_inference()
-            and not x.is_conj()
-            and not x.is_neg()
+            and x.layout == strided
+            and (x.is_cpu if cpu else x.device == device)
         ):
             return False
-    if not all(isinstance(c, torch.Tensor) and c.dtype == torch.int32 for c in counts):
+    if any(p.is_inference() for p in params):  # written only in inference mode
         return False
-    keys = _inplace.owners(written)
-    return len(set(keys)) == len(keys) and not set(keys).intersection(_inplace.owners(grads))
+    if not all(isinstance(c, tensor) and c.dtype is torch.int32 for c in counts):
+        return False
+    keys = {x.untyped_storage().data_ptr() for x in written}
+    return len(keys) == len(written) and keys.isdisjoint(
+        g.untyped_storage().data_ptr() for g in grads
+    )
 
 
 def _steps(counts: list[Any], device: Any) -> list[Any]:
@@ -87,7 +91,7 @@ def adam_(
     """One Adam step in place (AdamW's with ``decay``, Adam's with ``None``)."""
     torch = sys.modules["torch"]
     kernel = torch._fused_adam_ if decay is None else torch._fused_adamw_
-    _inplace.add_(counts, 1)
+    _inplace.count_(counts, 1)
     try:
         kernel(
             params, grads, mus, nus, [], _steps(counts, params[0].device),
@@ -95,7 +99,7 @@ def adam_(
             eps=eps, maximize=False, grad_scale=None, found_inf=None,
         )  # fmt: skip
     except BaseException:
-        _inplace.add_(counts, -1)
+        _inplace.count_(counts, -1)
         raise
 
 
@@ -111,7 +115,7 @@ def adagrad_(
 ) -> None:
     """One AdaGrad step in place."""
     torch = sys.modules["torch"]
-    _inplace.add_(counts, 1)
+    _inplace.count_(counts, 1)
     try:
         torch._fused_adagrad_(
             params, grads, sums, _steps(counts, params[0].device),
@@ -119,5 +123,9 @@ def adagrad_(
             grad_scale=None, found_inf=None,
         )  # fmt: skip
     except BaseException:
-        _inplace.add_(counts, -1)
+        _inplace.count_(counts, -1)
         raise
+
+
+def _dtypes(torch: Any) -> tuple[Any, ...]:
+    return tuple(getattr(torch, name) for name in FLOATS)

@@ -70,7 +70,30 @@ def _each(values: Scalars, n: int) -> list[float]:
 
 def values(xs: Arrays) -> list[int]:
     """The numbers held by 0-d arrays (a state's step counts)."""
-    return [int(x) for x in xs]
+    return [int(x.item()) for x in xs]
+
+
+def counted(xs: Arrays) -> list[Any]:
+    """New 0-d arrays ``x + 1`` (step counts)."""
+    torch = _torch(xs)
+    if torch is not None:  # a tensor operand: torch's path for a Python number is slower here
+        return list(torch._foreach_add(list(xs), _ones(torch, xs, 1)))
+    return [np.array(x + 1, dtype=x.dtype) for x in xs]
+
+
+def count_(xs: Arrays, by: int) -> None:
+    """``x += by`` for 0-d integer arrays (step counts)."""
+    torch = _torch(xs)
+    if torch is not None:
+        torch._foreach_add_(list(xs), _ones(torch, xs, by))
+        return
+    for x in xs:
+        x += by
+
+
+def _ones(torch: Any, xs: Arrays, value: int) -> list[Any]:
+    """``value`` as a 0-d tensor of the dtype and device of ``xs``'s first, once per array."""
+    return [torch.full((), value, dtype=xs[0].dtype, device=xs[0].device)] * len(xs)
 
 
 Writes = list[tuple[Any, Any]]  # (an array to write, its new value), made at once by ``commit_``

@@ -69,8 +69,7 @@ def _step_(
     lr, eps = float(hyper["lr"]), float(hyper["eps"])
     mus, nus = [s.mu for s in states], [s.nu for s in states]
     counts = [s.count for s in states]
-    new_counts = _inplace.copied(counts)
-    _inplace.add_(new_counts, 1)
+    new_counts = _inplace.counted(counts)
     steps = _inplace.values(new_counts)
     new_mus = _inplace.lerp(mus, grads, 1 - beta1)
     new_nus = _inplace.mul(nus, beta2)
