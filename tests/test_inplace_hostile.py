@@ -314,3 +314,52 @@ def test_np_matrix_parameters_are_refused():
     state = ost.setup(ost.Adam(), {"w": np.ones((2, 2))})
     with pytest.raises(TypeError, match=r"model\['w'\] is an np.matrix"):
         ost.update_(state, {"w": matrix(np.ones((2, 2)))}, {"w": np.ones((2, 2))})
+
+
+# -- the per-step checks of a model update_ returned ---------------------------------------------
+
+
+def test_a_module_changed_in_place_after_update_is_still_refused():
+    """``update_`` returns the model's own tensors, which later steps recheck only for what can
+    change in place: ``module.half()`` keeps the Parameter objects and changes their dtype."""
+    net = nn.Linear(3, 2)
+    state = ost.setup(ost.Adam(0.1), net)
+    grads = {"weight": torch.ones(2, 3), "bias": torch.ones(2)}
+    state, net = ost.update_(state, net, grads)
+    state, net = ost.update_(state, net, grads)
+    net.half()
+    half = {k: g.half() for k, g in grads.items()}
+    with pytest.raises(ValueError, match=r"model\['bias'\] changed since setup: .*float16"):
+        ost.update_(state, net, half)
+
+
+def test_a_view_tie_broken_in_place_after_update_is_still_refused():
+    w = torch.ones(2, 3)
+    model = {"w": w, "wt": w.t()}
+    state = ost.setup(ost.Descent(0.1), model)
+    grads = {"w": torch.ones(2, 3), "wt": torch.ones(3, 2)}
+    state, model = ost.update_(state, model, grads)
+    w.data = torch.zeros(2, 3)  # w's memory is new; model["wt"] still views the old one
+    with pytest.raises(ost.TieError, match=r"tie between model\['w'\] and model\['wt'\] is broken"):
+        ost.update_(state, model, grads)
+
+
+def test_the_parameters_of_a_module_that_shares_submodules():
+    """``parameters`` walks the module itself: the same names, objects and order as torch's
+    ``named_parameters(remove_duplicate=False)``, shared submodules and Parameters included."""
+    emb = nn.Embedding(5, 4)
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
+    net = nn.Sequential(emb, block, nn.Sequential(block, nn.Linear(4, 5, bias=False)))
+    net[2][1].weight = emb.weight
+    ours = ost_torch.parameters(net)
+    theirs = dict(net.named_parameters(remove_duplicate=False))
+    assert list(ours) == list(theirs)
+    assert all(ours[k] is theirs[k] for k in ours)
+    totals = ost_torch.grad_totals(net)
+    assert [k for k, v in totals.items() if v is None] == list(theirs)  # no .grad yet
+    net(torch.tensor([1, 2])).sum().backward()
+    totals = ost_torch.grad_totals(net)
+    assert totals["0.weight"] is emb.weight.grad
+    assert totals["2.1.weight"] is None  # the tied Parameter's total, counted once
+    assert totals["2.0.0.weight"] is None  # the shared block: counted at its first name
+    assert totals["1.0.weight"] is block[0].weight.grad
