@@ -88,9 +88,15 @@ def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) and the arrays allow it
     (writable float32 or float64 NumPy arrays or torch tensors, moments in the parameter's
     dtype), the rule's state is written in place too, and the returned state holds the same
-    arrays: keep a copy (``copy.deepcopy``) to hold on to an earlier state. A torch
+    arrays: keep a copy (``copy.deepcopy``) to hold on to an earlier state. ``Adam``, ``AdamW``
+    and ``AdaGrad`` on contiguous torch tensors of one device and dtype (16-bit included) run
+    torch's fused kernels when theirs is the step's only rule group (docs/pytorch.md). A torch
     ``nn.Module`` has its Parameters written in place and is returned itself (see
     ``optstate.interop.torch``).
+
+    Every new value is computed before any is written, so ``update_`` gives what ``update``
+    gives whatever memory the gradients share with the parameters and the state (a gradient may
+    be another parameter's array), and a step that fails writes nothing, step counts included.
     """
     if _arrays.is_torch_module(model):
         from .interop.torch import update_module

@@ -36,22 +36,22 @@ def fits(
     torch = sys.modules.get("torch")
     if torch is None or not params or not isinstance(params[0], torch.Tensor):
         return False
-    dtype, strided = params[0].dtype, torch.strided
+    dtype = params[0].dtype
     if dtype not in _dtypes(torch) or torch.is_inference_mode_enabled():
         return False
     device = params[0].device
     tensor = torch.Tensor
     written = [*params, *(x for kind in moments for x in kind)]
     cpu = params[0].is_cpu  # the common case, tested without making device objects
-    for x in (*written, *grads):  # real dtypes: no conjugate or negative bit to look at
-        if not (
-            isinstance(x, tensor)
-            and x.dtype is dtype
-            and x.is_contiguous()
-            and x.layout == strided
-            and (x.is_cpu if cpu else x.device == device)
-        ):
+    every = (*written, *grads)
+    if not all(isinstance(x, tensor) for x in every):
+        return False
+    # (A sparse tensor is not contiguous; real dtypes have no conjugate or negative bit.)
+    if cpu:
+        if not all(x.dtype is dtype and x.is_contiguous() and x.is_cpu for x in every):
             return False
+    elif not all(x.dtype is dtype and x.is_contiguous() and x.device == device for x in every):
+        return False
     if any(p.is_inference() for p in params):  # written only in inference mode
         return False
     if not all(isinstance(c, tensor) and c.dtype is torch.int32 for c in counts):
