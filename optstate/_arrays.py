@@ -89,7 +89,7 @@ def unusable(x: Any) -> str | None:
         )
     if is_torch(x) and x.is_meta:
         return (
-            f"a tensor on the meta device ({x.dtype}{list(x.shape)}), which has a shape but no "
+            f"on the meta device ({x.dtype}{list(x.shape)}): a tensor with a shape but no "
             "values to read or write; move the model to a real device (module.to_empty(device=...) "
             "and initialise it) before setup"
         )

@@ -225,7 +225,7 @@ def test_sparse_embedding_gradient_steps_as_its_dense_equal(name):
 
 
 def test_a_module_on_the_meta_device_is_refused_at_setup():
-    with pytest.raises(TypeError, match=r"model\['weight'\] is a tensor on the meta device"):
+    with pytest.raises(TypeError, match=r"model\['weight'\] is on the meta device \(torch.float32"):
         ost.setup(ost.Adam(), nn.Linear(3, 2, bias=False, device="meta"))
 
 
@@ -234,7 +234,7 @@ def test_meta_parameters_or_gradients_are_refused_at_update(in_place):
     net = nn.Linear(3, 2, bias=False)
     state = ost.setup(ost.Adam(), net)
     step = ost.update_ if in_place else ost.update
-    with pytest.raises(TypeError, match=r"model\['weight'\] is a tensor on the meta device"):
+    with pytest.raises(TypeError, match=r"model\['weight'\] is on the meta device \(torch.float32"):
         step(state, copy.deepcopy(net).to("meta"), {"weight": torch.ones(2, 3)})
     before = net.weight.detach().clone()
     with pytest.raises(ValueError, match=r"gradient at grads\['weight'\] is a tensor on the meta"):
