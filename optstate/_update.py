@@ -286,7 +286,9 @@ def _unchanged(plan: Plan, leaves: list[Any], bases: list[Any]) -> bool:
         if base.dtype != param.dtype or base.shape != param.shape or _arrays.unusable(base):
             return False
     return all(
-        slot is None or slot.perm is None or _arrays.same_view(bases[slot.param], x, slot.perm)
+        not _arrays.is_trainable(x)  # (an integer tensor given a float .data is one now)
+        if slot is None
+        else slot.perm is None or _arrays.same_view(bases[slot.param], x, slot.perm)
         for slot, x in zip(plan.slots, leaves, strict=True)
     )
 
