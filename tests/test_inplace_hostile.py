@@ -363,3 +363,12 @@ def test_the_parameters_of_a_module_that_shares_submodules():
     assert totals["2.1.weight"] is None  # the tied Parameter's total, counted once
     assert totals["2.0.0.weight"] is None  # the shared block: counted at its first name
     assert totals["1.0.weight"] is block[0].weight.grad
+
+
+def test_a_non_parameter_made_a_parameter_in_place_after_update_is_refused():
+    model = {"w": torch.ones(2), "n": torch.zeros(2, dtype=torch.int64)}
+    state = ost.setup(ost.Descent(0.1), model)
+    state, model = ost.update_(state, model, {"w": torch.ones(2), "n": None})
+    model["n"].data = torch.zeros(2)  # the same object, now floating: a parameter
+    with pytest.raises(ValueError, match=r"model\['n'\] holds a parameter .* not there at setup"):
+        ost.update_(state, model, {"w": torch.ones(2), "n": None})
