@@ -145,8 +145,8 @@ def test_update_in_place_equals_update_under_any_aliasing(backend, name, choices
 
 KERNELS = [  # every list operation of the in-place forms, and torch's fused kernels
     *(f"_inplace.{name}" for name in (
-        "copied", "values", "mul", "add_scaled", "lerp", "addcdiv", "add_", "mul_",
-        "add_scaled_", "addcmul_", "addcdiv_", "sqrt", "div_", "commit_",
+        "values", "counted", "count_", "mul", "add_scaled", "lerp", "addcdiv", "add_",
+        "add_scaled_", "addcmul_", "sqrt", "div_", "commit_",
     )),
     "torch._fused_adam_",
     "torch._fused_adamw_",

@@ -37,13 +37,16 @@ _FLOATS = ("float32", "float64")
 def fits(states: Sequence[Any], params: Arrays, grads: Arrays) -> bool:
     """The parameters, gradients and rule states can be stepped in place: all NumPy arrays or all
     torch tensors, parameters and states writable, parameters and gradients float32 or float64,
-    every state array that is not a count in its parameter's dtype."""
+    every state array that is not a count in its parameter's dtype; tensors dense (strided)."""
     if not params:
         return False
     torch = _arrays.is_torch(params[0])
     same = _arrays.is_torch if torch else _arrays.is_numpy
+    strided = sys.modules["torch"].strided if torch else None
     for state, p, g in zip(states, params, grads, strict=True):
         if not (same(p) and same(g) and _arrays.writable(p)):
+            return False
+        if torch and not (p.layout == strided and g.layout == strided):
             return False
         if _dtype(p) not in _FLOATS or g.dtype != p.dtype:
             return False
@@ -111,28 +114,6 @@ def commit_(writes: Writes) -> None:
             np.copyto(target, value, casting="same_kind")
 
 
-def owners(xs: Arrays) -> list[int]:
-    """A key per array for the memory it lives in (a torch storage, a NumPy array's owner):
-    arrays with different keys never overlap."""
-    out = []
-    for x in xs:
-        if _arrays.is_torch(x):
-            out.append(int(x.untyped_storage().data_ptr()))
-            continue
-        while isinstance(x.base, np.ndarray):
-            x = x.base
-        out.append(id(x if x.base is None else x.base))
-    return out
-
-
-def copied(xs: Arrays) -> list[Any]:
-    """New arrays equal to ``xs``."""
-    torch = _torch(xs)
-    if torch is not None:
-        return [x.clone() for x in xs]
-    return [np.array(x) for x in xs]
-
-
 def mul(xs: Arrays, value: float) -> list[Any]:
     """New arrays ``x * value``."""
     torch = _torch(xs)
@@ -191,16 +172,6 @@ def add_(xs: Arrays, value: float) -> None:
         x += value
 
 
-def mul_(xs: Arrays, value: float) -> None:
-    """``x *= value``."""
-    torch = _torch(xs)
-    if torch is not None:
-        torch._foreach_mul_(list(xs), value)
-        return
-    for x in xs:
-        x *= value
-
-
 def add_scaled_(xs: Arrays, ys: Arrays, alpha: float) -> None:
     """``x += alpha * y``."""
     torch = _torch(xs)
@@ -220,19 +191,6 @@ def addcmul_(xs: Arrays, ys: Arrays, zs: Arrays, value: float) -> None:
     for x, y, z in zip(xs, ys, zs, strict=True):
         t = np.multiply(y, z)
         t *= value
-        x += t
-
-
-def addcdiv_(xs: Arrays, ys: Arrays, zs: Arrays, values: Scalars) -> None:
-    """``x += v * y / z``, with ``v`` one number or one per array."""
-    torch = _torch(xs)
-    each = _each(values, len(xs))
-    if torch is not None:
-        torch._foreach_addcdiv_(list(xs), list(ys), list(zs), each)
-        return
-    for x, y, z, v in zip(xs, ys, zs, each, strict=True):
-        t = np.divide(y, z)
-        t *= v
         x += t
 
 
