@@ -7,7 +7,8 @@ gives every Parameter a fixed random ``.grad``, and times one optimiser step of:
 * optstate: ``ost.update_(state, model, grad_totals(model))``, the ``.grad`` convention
   (collecting the totals is part of the timed step);
 * ``torch.optim.Adam(foreach=True)``: the target is optstate <= 1.2 x its time;
-* ``torch.optim.Adam(fused=True)``: reported, no target.
+* ``torch.optim.Adam(fused=True)``: the target is optstate <= 1.1 x its time (optstate's
+  ``update_`` runs the same fused kernel here: float32 tensors of one device).
 
 Two more rows say where optstate's time goes (reported, no target):
 
@@ -43,6 +44,7 @@ from optstate.interop import torch as ost_torch
 
 LR = 1e-3
 TARGET = 1.2  # optstate / torch.optim.Adam(foreach=True)
+TARGET_FUSED = 1.1  # optstate / torch.optim.Adam(fused=True)
 
 
 class TiedTransformerLM(nn.Module):
@@ -219,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     rows = [
         ("optstate update_ / torch.optim.Adam(foreach=True)", "optstate", "foreach", TARGET),
-        ("optstate update_ / torch.optim.Adam(fused=True)", "optstate", "fused", None),
+        ("optstate update_ / torch.optim.Adam(fused=True)", "optstate", "fused", TARGET_FUSED),
         ("out-of-place floor / torch.optim.Adam(foreach=True)", "floor", "foreach", None),
         ("fewer temporaries, still pure / foreach", "fewer", "foreach", None),
         ("optstate on 2-element tensors (overhead) / foreach", "tiny", "foreach", None),
@@ -240,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{shown:>7}  {verdict}"
         )
         figures[f"{mine}/{theirs}"] = ratio
-    figures["result"] = "PASS" if ms["optstate"] / ms["foreach"] <= TARGET else "MISS"
+    met = ms["optstate"] / ms["foreach"] <= TARGET and ms["optstate"] / ms["fused"] <= TARGET_FUSED
+    figures["result"] = "PASS" if met else "MISS"
     print(f"({rounds} rounds after 3 warm-up rounds; medians; spread = quartiles of the ratios)")
     return figures
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from . import _arrays
 from ._state import Plan
-from .rules._base import increment
+from .rules import _inplace
+from .rules._base import Rule, increment
 from .schedules import Schedule
 
 # ``layout[pos]`` for a position without a gradient to use (none given, not a parameter, or its
@@ -76,14 +77,26 @@ def step_in_place(
     bases: list[Any],
     grads: list[Any],
 ) -> tuple[list[Any], list[Any], tuple[Any, ...], Any]:
-    """``step`` for ``update_`` on mutable arrays: a rule with an in-place form that fits the
-    arrays (``Rule.in_place``) writes its new states and parameters into the arrays they have,
-    which it returns (the same objects). The other groups are computed first, as ``step`` does,
-    so that a failure there leaves every array as it was."""
+    """``step`` for ``update_`` on mutable arrays, writing the new parameters into the arrays
+    they have (where writable) and, for a rule with an in-place form that fits the arrays
+    (``Rule.in_place``), its new states into the arrays they have; those arrays are returned.
+
+    Every new value is computed before anything is written: the groups without an in-place form
+    by the pure arithmetic of ``step``, the others by ``Rule.update_all_`` into arrays of their
+    own. One ``commit_`` then makes all the writes. So no value is read after it was written,
+    whatever memory the gradients share with the parameters and states (``update_`` equals
+    ``update``), and a step that fails before the commit leaves every array as it was. A step
+    whose one group is a rule with a fused kernel (``Rule.fused_``) is that kernel's one call.
+    """
     index, sums = _summed(plan, layout, bases, grads)
+    groups = _groups(plan, index)
     new_states, new_bases, new_clocks = list(states), list(bases), list(clocks)
-    writers = []
-    for r, ks, members in _groups(plan, index):
+    if len(groups) == 1 and _fused(plan, hyper, clocks, groups[0], states, bases, sums):
+        r = groups[0][0]
+        new_clocks[r] = plan.rules[r].tick(clocks[r], states, states)
+        return new_states, new_bases, tuple(new_clocks), increment(count)
+    writes: _inplace.Writes = []
+    for r, ks, members in groups:
         rule = plan.rules[r]
         hypers = _hypers(plan, hyper[r], clocks[r], ks)
         args = (
@@ -96,17 +109,39 @@ def step_in_place(
             # variant of hyper-parameters. Their clocks do not depend on the states.
             for variant in sorted({plan.param_variants[k] for k in ks}):
                 chosen = [j for j, k in enumerate(ks) if plan.param_variants[k] == variant]
-                writers.append(
-                    (rule, hypers[chosen[0]], tuple([xs[j] for j in chosen] for xs in args))
-                )
+                part = ([xs[j] for j in chosen] for xs in args)
+                writes.extend(rule.update_all_(hypers[chosen[0]], *part))
             new_clocks[r] = rule.tick(clocks[r], args[0], args[0])
         else:
             _pure(rule, hypers, members, states, bases, sums, new_states, new_bases)
             before, after = args[0], [new_states[i] for i in members]
             new_clocks[r] = rule.tick(clocks[r], before, after)
-    for rule, rule_hyper, group_args in writers:
-        rule.update_all_(rule_hyper, *group_args)
+            for i in members:
+                if new_bases[i] is not bases[i] and _arrays.writable(bases[i]):
+                    writes.append((bases[i], new_bases[i]))
+                    new_bases[i] = bases[i]
+    _inplace.commit_(writes)
     return new_states, new_bases, tuple(new_clocks), increment(count)
+
+
+def _fused(
+    plan: Plan,
+    hyper: tuple[Any, ...],
+    clocks: tuple[Any, ...],
+    group: tuple[int, list[int], list[int]],
+    states: list[Any],
+    bases: list[Any],
+    sums: list[Any],
+) -> bool:
+    """The step's one group, with one variant of hyper-parameters, stepped by its rule's fused
+    kernel (``Rule.fused_``), if the rule has one and the arrays allow it."""
+    r, ks, members = group
+    rule = plan.rules[r]
+    if type(rule).fused_ is Rule.fused_ or len({plan.param_variants[k] for k in ks}) != 1:
+        return False
+    (h,) = _hypers(plan, hyper[r], clocks[r], ks[:1])
+    picked = ([xs[i] for i in members] for xs in (states, bases, sums))
+    return rule.fused_(h, *picked)
 
 
 def _hypers(plan: Plan, variants: tuple[Any, ...], clock: Any, ks: list[int]) -> list[Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -20,8 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 Perm = tuple[int, ...] | None  # an axis permutation; None is the identity
-
-_MAX_PERMUTED_AXES = 4  # views with more axes are tied only as the same layout or a full reversal
 
 
 def namespace(*xs: Any) -> Any:
@@ -43,8 +40,16 @@ def is_tracer(x: Any) -> bool:
 
 def is_torch(x: Any) -> bool:
     """A ``torch.Tensor`` (``nn.Parameter`` included); false whenever torch was never imported."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    tensor = _TENSOR[0]
+    if tensor is None:
+        torch = sys.modules.get("torch")
+        if torch is None or not hasattr(torch, "Tensor"):  # (or torch is still being imported)
+            return False
+        tensor = _TENSOR[0] = torch.Tensor
+    return isinstance(x, tensor)
+
+
+_TENSOR: list[Any] = [None]  # torch.Tensor, once torch has been imported
 
 
 def is_trainable(x: Any) -> bool:
@@ -72,6 +77,23 @@ def is_numeric(dtype: Any) -> bool:
 def has_dtype(x: Any) -> bool:
     """A NumPy, JAX or torch array (not a list, a number or another object)."""
     return is_numpy(x) or is_jax(x) or is_torch(x)
+
+
+def unusable(x: Any) -> str | None:
+    """Why the array ``x`` cannot be trained as a parameter, or ``None`` if it can: what
+    ``setup`` and ``update`` refuse with that reason, naming the position."""
+    if isinstance(x, np.matrix):
+        return (
+            "an np.matrix, whose * is a matrix product (a rule's g * g would be g @ g); pass "
+            "np.asarray(x), a plain ndarray over the same memory"
+        )
+    if is_torch(x) and x.is_meta:
+        return (
+            f"on the meta device ({x.dtype}{list(x.shape)}): a tensor with a shape but no "
+            "values to read or write; move the model to a real device (module.to_empty(device=...) "
+            "and initialise it) before setup"
+        )
+    return None
 
 
 def is_torch_module(x: Any) -> bool:
@@ -180,7 +202,11 @@ def coerce(g: Any, like: Any) -> Any:
     """A gradient as an array of the parameter's namespace and dtype (a ``float64`` gradient of a
     ``float32`` parameter is rounded to ``float32``)."""
     if is_torch(like):  # on the parameter's device too
-        if is_torch(g) and g.dtype == like.dtype and g.device == like.device:
+        if (
+            is_torch(g)
+            and g.dtype == like.dtype
+            and ((g.is_cpu and like.is_cpu) or g.device == like.device)
+        ):
             return g
         g = g if is_torch(g) else np.asarray(g)
         return sys.modules["torch"].as_tensor(g, dtype=like.dtype, device=like.device)
@@ -338,16 +364,21 @@ def view_permutation(root: Any, view: Any) -> Perm | Literal[False]:
     have = _axes(root)
     if want == have:
         return None
-    ndim = root.ndim
-    candidates: Sequence[tuple[int, ...]]
-    if ndim <= _MAX_PERMUTED_AXES:
-        candidates = list(itertools.permutations(range(ndim)))
-    else:
-        candidates = [tuple(range(ndim))[::-1]]
-    for perm in candidates:
-        if [have[i] for i in perm] == want:
-            return perm
-    return False
+    # ``view`` is ``root.transpose(perm)`` when its axes are ``root``'s (length, stride) pairs
+    # in the order ``perm``: match each of its axes to an unused axis of ``root`` with the same
+    # pair, in any number of dimensions. Axes with equal pairs are interchangeable (length-1
+    # axes, or broadcast ones), so taking the first unused one never misses a match; it also
+    # gives the lexicographically first such permutation.
+    unused: dict[tuple[int, int | None], list[int]] = {}
+    for i, axis in enumerate(have):
+        unused.setdefault(axis, []).append(i)
+    perm = []
+    for axis in want:
+        free = unused.get(axis)
+        if not free:
+            return False
+        perm.append(free.pop(0))
+    return tuple(perm)
 
 
 def same_view(base: Any, x: Any, perm: Perm) -> bool:

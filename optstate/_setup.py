@@ -119,6 +119,11 @@ def _collection_deferred() -> Iterator[None]:
 def _setup(rule: RuleSpec, model: Any) -> State:
     """``setup`` of a model that is a pytree."""
     leaves, treedef = flatten(model)
+    for pos, leaf in enumerate(leaves):
+        x = unwrap(leaf)[0]
+        why = _arrays.unusable(x) if _arrays.is_trainable(x) else None
+        if why is not None:
+            raise TypeError(f"{path_strings(model)[pos]} is {why}")
     slots, params = find_ties(leaves, lambda: path_strings(model))
     per_position = _rules_per_position(rule, model, [s is not None for s in slots])
     per_param = _assign(per_position, params, lambda: path_strings(model))

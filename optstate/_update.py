@@ -103,9 +103,15 @@ def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) and the arrays allow it
     (writable float32 or float64 NumPy arrays or torch tensors, moments in the parameter's
     dtype), the rule's state is written in place too, and the returned state holds the same
-    arrays: keep a copy (``copy.deepcopy``) to hold on to an earlier state. A torch
+    arrays: keep a copy (``copy.deepcopy``) to hold on to an earlier state. ``Adam``, ``AdamW``
+    and ``AdaGrad`` on contiguous torch tensors of one device and dtype (16-bit included) run
+    torch's fused kernels when theirs is the step's only rule group (docs/pytorch.md). A torch
     ``nn.Module`` has its Parameters written in place and is returned itself (see
     ``optstate.interop.torch``).
+
+    Every new value is computed before any is written, so ``update_`` gives what ``update``
+    gives whatever memory the gradients share with the parameters and the state (a gradient may
+    be another parameter's array), and a step that fails writes nothing, step counts included.
     """
     if _arrays.is_torch_module(model):
         from .interop.torch import update_module
@@ -192,7 +198,8 @@ def _step(
     _check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
     verified = _returned_with(state, leaves)
-    if not verified:
+    # The very arrays of the last step: only what can change in place in them is checked again.
+    if not verified or not _unchanged(plan, leaves, bases):
         _check_model(plan, leaves, bases, model)
     grads = _structural(grads, model)
     torch_model = any(_arrays.is_torch(b) for b in bases)
@@ -202,9 +209,9 @@ def _step(
         grads = named_grads(model, grads)  # a name left out of a named dict: no gradient
     per_position = gather(plan.treedef, model, grads)
     if torch_model:
-        from .interop.torch import check_partials
+        from .interop.torch import checked_gradients  # only imported once torch is
 
-        check_partials(plan, bases, per_position, model)
+        per_position = checked_gradients(plan, bases, per_position, model)
     layout, given = _layout(plan, bases, per_position, model)
 
     active = _apply.active_params(plan, layout)
@@ -272,9 +279,10 @@ def _step(
 
     changed = [False] * len(bases)
     for k in active:
+        if new_bases[k] is bases[k]:
+            continue  # written in place already (or the rule left it as it was)
         if in_place and _arrays.writable(bases[k]):
-            if new_bases[k] is not bases[k]:  # not already written by the rule's in-place form
-                _arrays.write_(bases[k], new_bases[k])
+            _arrays.write_(bases[k], new_bases[k])
             new_bases[k] = bases[k]  # every position already holds the new values
         else:
             changed[k] = True
@@ -282,14 +290,35 @@ def _step(
     new_state = State(new_states, state.hyper, new_clocks, count, plan)
     if compiled and len(active) == _apply.n_trained(plan):  # every array came out of the step
         new_state._verified = _references(new_leaves)
+    elif in_place and not compiled and not any(changed):  # the model's own arrays, checked
+        new_state._verified = _references(new_leaves, mutable=True)
     return new_state, treedef.unflatten(new_leaves)
 
 
-def _references(leaves: list[Any]) -> tuple[Any, ...] | None:
-    """Weak references to ``leaves`` if they are all JAX arrays (see ``State._verified``)."""
-    if not all(_arrays.is_jax(x) and not _arrays.is_tracer(x) for x in leaves):
+def _references(leaves: list[Any], *, mutable: bool = False) -> tuple[Any, ...] | None:
+    """Weak references to ``leaves`` if they are all JAX arrays (see ``State._verified``), or
+    with ``mutable``, all NumPy arrays and torch tensors (which ``_unchanged`` checks again)."""
+    if mutable:
+        if not all(_arrays.has_layout(x) for x in leaves):
+            return None
+    elif not all(_arrays.is_jax(x) and not _arrays.is_tracer(x) for x in leaves):
         return None
     return tuple(weakref.ref(x) for x in leaves)
+
+
+def _unchanged(plan: Plan, leaves: list[Any], bases: list[Any]) -> bool:
+    """The arrays of a model that ``update_`` returned, checked for what can change in place in
+    a NumPy array or torch tensor: shape, dtype and device (``module.half()`` and ``.data = ...``
+    keep the object), and the views that make ties. JAX arrays are immutable: always true."""
+    for param, base in zip(plan.params, bases, strict=True):
+        if base.dtype != param.dtype or base.shape != param.shape or _arrays.unusable(base):
+            return False
+    return all(
+        not _arrays.is_trainable(x)  # (an integer tensor given a float .data is one now)
+        if slot is None
+        else slot.perm is None or _arrays.same_view(bases[slot.param], x, slot.perm)
+        for slot, x in zip(plan.slots, leaves, strict=True)
+    )
 
 
 def _returned_with(state: State, leaves: list[Any]) -> bool:
@@ -357,6 +386,9 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
                 f"{name(param.primary)} was a parameter at setup but is now {_describe(base)}; "
                 "a state set up for a different model?"
             )
+        why = _arrays.unusable(base)
+        if why is not None:
+            raise TypeError(f"{name(param.primary)} is {why}")
         if base.dtype != param.dtype or tuple(base.shape) != param.shape:
             raise ValueError(
                 f"{name(param.primary)} changed since setup: the state is for "
@@ -433,6 +465,16 @@ def _check_state(plan: Plan, state: State, bases: list[Any], model: Any, err: Ex
         )
         return repr(shapes).replace("'", "")
 
+    for k, base in enumerate(bases):  # a tensor state left behind when the model moved
+        if not _arrays.is_torch(base) or k >= len(state.states):
+            continue
+        for x in jax.tree_util.tree_leaves(state.states[k]):
+            if _arrays.is_torch(x) and x.ndim and x.device != base.device:
+                raise ValueError(
+                    f"the state of {path_string(model, plan.params[k].primary)} holds a tensor "
+                    f"on {x.device}, but the parameter is on {base.device}; the state's tensors "
+                    "live on their parameter's device: call setup again after moving the model"
+                ) from err
     for r, rule in enumerate(plan.rules):
         variants = state.hyper[r] if r < len(state.hyper) else None
         wrong = (
@@ -491,7 +533,7 @@ def _layout(
             and slot.perm is None
             and getattr(g, "dtype", None) == base.dtype
             and getattr(g, "shape", None) == base.shape
-            and not isinstance(g, Transpose)
+            and not isinstance(g, Transpose | np.matrix)
         ):  # the common case, an array just like its parameter: every check of _oriented holds
             layout[pos] = None
             given.append(g)
@@ -519,6 +561,8 @@ def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> tuple[Any,
             "the gradient at {path} is a Transpose, but the model holds no Transpose "
             "there; give a plain array"
         )
+    if isinstance(g, np.matrix):  # (scipy.sparse's todense()): its * would be a matrix product
+        g = np.asarray(g)
     if not hasattr(g, "shape"):
         if not isinstance(g, numbers.Number | list | tuple):
             raise fail(

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ._arrays import is_torch
 from ._errors import StructureError
 from ._transpose import Transpose, is_transpose
 
@@ -54,7 +55,7 @@ def nesting(tree: Any, stop_above: int | None = None) -> int:
             children = node
         elif kind is Transpose:
             children = [node.parent]
-        elif node is None or isinstance(node, _NO_CHILDREN):
+        elif node is None or isinstance(node, _NO_CHILDREN) or is_torch(node):
             continue
         else:  # any other registered node, ``Transpose`` included: one level of its children
             children = _one_level(node)
@@ -65,7 +66,9 @@ def nesting(tree: Any, stop_above: int | None = None) -> int:
             deepest = depth
             if stop_above is not None and depth > stop_above:
                 return depth
-        stack.extend((c, depth) for c in children if not isinstance(c, _NO_CHILDREN))
+        stack.extend(
+            (c, depth) for c in children if not (isinstance(c, _NO_CHILDREN) or is_torch(c))
+        )
     return deepest
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_rule_properties import NAMES, RULES
+from rules_under_test import RULES
 
 import optstate as ost
 
@@ -260,7 +260,7 @@ def run(case, rule, update, reference=ost.update):
 @given(layout=layouts(numpy=True))
 def test_numpy_tied_trees_equal_the_deduplicated_model_for_every_rule(layout):
     case = Case(layout, np, np.float64)
-    for name in NAMES:
+    for name in RULES:
         rule, _ = RULES[name]
         tied, single = run(case, rule, ost.update)
         case.check_positions(tied, single, same_objects=True)
@@ -268,7 +268,7 @@ def test_numpy_tied_trees_equal_the_deduplicated_model_for_every_rule(layout):
         case.check_positions(in_place, in_place_single, same_objects=True)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(RULES))
 @JAX_PROFILE
 @given(layout=layouts(numpy=False))
 def test_jax_tied_trees_equal_the_deduplicated_model(name, layout):

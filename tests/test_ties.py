@@ -56,6 +56,41 @@ def test_higher_rank_permutations():
     np.testing.assert_array_equal(new["r"], new["w"].T)
 
 
+PERMUTED = {  # views of 5-D and 6-D arrays: any permutation of the axes is a tie
+    "5-D swapaxes": ((2, 3, 4, 5, 6), (1, 0, 2, 3, 4)),
+    "5-D reversed": ((2, 3, 4, 5, 6), (4, 3, 2, 1, 0)),
+    "6-D mixed": ((2, 3, 1, 4, 5, 2), (5, 3, 0, 1, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("case", list(PERMUTED))
+def test_any_permutation_of_many_axes_is_a_tie(case, backend):
+    """The tie is found from the strides for any number of axes (once limited to 4); the step is
+    hand arithmetic: the gradient of the view permuted back and added to the base's."""
+    import torch
+
+    shape, perm = PERMUTED[case]
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=shape)
+    gw, gv = rng.normal(size=shape), rng.normal(size=tuple(shape[a] for a in perm))
+    if backend == "torch":
+        w, as_view, to = torch.tensor(w0), lambda x: x.permute(perm), torch.tensor
+    else:
+        w, as_view, to = w0.copy(), lambda x: x.transpose(perm), np.asarray
+    model = {"w": w, "v": as_view(w)}
+    state = ost.setup(ost.Descent(0.5), model)
+    assert len(state.plan.params) == 1
+    expected = w0 - 0.5 * (gw + gv.transpose(np.argsort(perm)))
+    _, new = ost.update(state, model, {"w": to(gw), "v": to(gv)})
+    np.testing.assert_allclose(np.asarray(new["w"]), expected, rtol=1e-15)
+    np.testing.assert_array_equal(np.asarray(new["v"]), expected.transpose(perm))
+    _, same = ost.update_(state, model, {"w": to(gw), "v": to(gv)})
+    assert same["w"] is w
+    np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-15)
+    np.testing.assert_array_equal(np.asarray(model["v"]), expected.transpose(perm))
+
+
 def test_transpose_of_a_view_composes():
     w = np.arange(6.0).reshape(2, 3)
     model = {"w": w, "t": ost.Transpose(w.T)}  # Transpose(w.T) is w itself

@@ -80,7 +80,32 @@ def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    return dict(module.named_parameters(remove_duplicate=False))
+    if type(module).named_parameters is not _NAMED_PARAMETERS:
+        return dict(module.named_parameters(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    if not _named(module, "", out):  # a module that walks its children its own way
+        return dict(module.named_parameters(remove_duplicate=False))
+    return out
+
+
+_NAMED_PARAMETERS = nn.Module.named_parameters
+_NAMED_MODULES = nn.Module.named_modules
+
+
+def _named(module: nn.Module, prefix: str, out: dict[str, torch.Tensor]) -> bool:
+    """``named_parameters(remove_duplicate=False)`` into ``out``, walked directly (it runs on every
+    step, and torch's generators cost more than the step's own arithmetic on a small model):
+    the module's own Parameters, then each child's, depth first. ``False`` if a module overrides
+    ``named_modules``, whose walk this would not follow."""
+    if type(module).named_modules is not _NAMED_MODULES:
+        return False
+    for name, p in module._parameters.items():
+        if p is not None:
+            out[prefix + name] = p
+    for name, child in module._modules.items():
+        if child is not None and not _named(child, f"{prefix}{name}.", out):
+            return False
+    return True
 
 
 def grad_totals(model: nn.Module | Any) -> Any:
@@ -112,6 +137,18 @@ def grad_totals(model: nn.Module | Any) -> Any:
             model), so autograd keeps no ``.grad`` for it.
         TieError: two tensors overlap in memory in a way that is not a tie (as in ``setup``).
     """
+    if isinstance(model, nn.Module):
+        named = parameters(model)
+        if not any(p._base is not None for p in named.values()):
+            # Parameters that are no views share no memory: a tie is one Parameter object at
+            # several names, and each is a leaf with its own .grad (the fast path of every step).
+            given: set[int] = set()
+            totals: dict[str, Any] = {}
+            for name, p in named.items():
+                first = id(p) not in given
+                given.add(id(p))
+                totals[name] = p.grad if first else None
+            return totals
     tree = parameters(model) if isinstance(model, nn.Module) else model
     leaves, treedef = flatten(tree)
     slots, _ = find_ties(leaves, lambda: path_strings(tree))
@@ -151,9 +188,9 @@ def update_module(
     in place, ``(state, module)``."""
     params = parameters(module)
     by_name = _by_name(params, grads)
-    if in_place:
+    if in_place and not torch.is_inference_mode_enabled():
         for name, p in params.items():
-            if not _arrays.writable(p):
+            if p.is_inference():
                 raise ValueError(
                     f"model[{name!r}] is an inference tensor (made under torch.inference_mode), "
                     "which cannot be written outside inference mode; update_ writes into the "
@@ -205,6 +242,35 @@ def named_grads(model: Any, grads: Any) -> Any:
     return _by_name(model, grads, "the model")
 
 
+def checked_gradients(
+    plan: Plan, bases: list[Any], per_position: list[Any], model: Any
+) -> list[Any]:
+    """The gradients of a model of torch tensors, checked (``check_partials``, and none on the
+    meta device), with sparse ones made dense. Called by ``update`` and ``update_``.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) is stepped as its dense equal: the rules
+    are those of ``torch.optim.Adam`` and its kin on a dense gradient, whose moments decay in
+    every row (``torch.optim.SparseAdam``'s lazy updates of the given rows only are another
+    algorithm)."""
+    check_partials(plan, bases, per_position, model)
+    out = per_position
+    for pos, leaf in enumerate(per_position):
+        g, depth = unwrap(leaf)
+        if not isinstance(g, torch.Tensor):
+            continue
+        if g.is_meta:
+            raise ValueError(
+                f"the gradient at {path_string(model, pos, 'grads')} is a tensor on the meta "
+                f"device ({g.dtype}{list(g.shape)}), which has no values; compute it on the "
+                "parameter's device"
+            )
+        if g.layout != torch.strided:
+            if out is per_position:
+                out = list(per_position)
+            out[pos] = wrap(g.to_dense(), depth)
+    return out
+
+
 def check_partials(plan: Plan, bases: list[Any], per_position: list[Any], model: Any) -> None:
     """Refuse a structural gradient that gives a tied parameter its own ``.grad`` (the total
     autograd accumulated, or a view of it) at two or more positions: ``update`` would count that
@@ -240,6 +306,8 @@ def _is_view_of(g: Any, total: torch.Tensor) -> bool:
         return True
     return (
         _arrays.is_torch(g)
+        and g.layout == torch.strided
+        and total.layout == torch.strided
         and _arrays.has_memory(g)
         and _arrays.view_permutation(total, g) is not False
     )

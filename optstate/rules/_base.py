@@ -18,9 +18,12 @@ new parameter itself (``MixedPrecision``) overrides ``update_all``.
 
 ``update_`` on mutable arrays (NumPy, torch) first asks ``in_place``: a rule that has an in-place
 form (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) says yes where the arrays allow
-it, and ``update_all_`` then writes the new state and parameters into the arrays they already
-have, with the list operations of ``_inplace`` (one multi-tensor kernel per operation on torch).
-The pure ``apply`` stays the definition: the tests check that both forms agree.
+it, and ``update_all_`` then computes the new state and parameters with the list operations of
+``_inplace`` (one multi-tensor kernel per operation on torch) and returns them as writes into the
+arrays they already have; ``update_`` makes every write of the step at once, after every value is
+computed. Where a rule's group is the step's only one, ``fused_`` may instead step it with one
+fused kernel (``Adam``, ``AdamW``, ``AdaGrad`` on torch: ``_fused``). The pure ``apply`` stays
+the definition: the tests check that every form agrees with it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._arrays import cast, namespace
+from .._arrays import cast, is_numpy, is_torch, namespace
 from .._schedules import MAX_STEP, Schedule
 from ._validate import Hyper, Member, Static, check_hyper, declaration
 
@@ -146,12 +149,23 @@ class Rule:
 
     def update_all_(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> None:
-        """``update_all`` written into the arrays: the new parameters into ``params``, the new
-        rule states into the arrays of ``states``. Called only where ``in_place`` said yes, after
-        every other group of the step has been computed; it must not fail on such inputs, so a
-        failed step still leaves everything as it was."""
+    ) -> list[tuple[Any, Any]]:
+        """``update_all`` as writes: ``(array, new value)`` pairs that put the new parameters into
+        ``params`` and the new rule states into the arrays of ``states``. It writes nothing
+        itself (the values are new arrays): ``update_`` commits the writes of every group at
+        once, so no value is read after it was written (a gradient may be another parameter's
+        array) and a failure anywhere in the step leaves everything as it was. Called only where
+        ``in_place`` said yes, with one variant of hyper-parameters (``hyper``)."""
         raise NotImplementedError(f"{self.name()} has no in-place form")
+
+    def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        """Step these parameters in place with one fused kernel, if the arrays allow it, and say
+        whether it did (no rule can, unless it says so). Called only when this rule's group,
+        with one variant of hyper-parameters, is all the step writes: the kernel's one call is
+        then the step, and if it raises, nothing was written (counts raised before it are
+        lowered again)."""
+        del hyper, states, params, grads
+        return False
 
     # -- what the walk asks of a rule (containers override these) ------------------------------
 
@@ -279,6 +293,10 @@ def _frozen(tree: Any) -> Any:
 def increment(count: Any) -> Any:
     """``count + 1`` for a step count, saturating at ``2**31 - 1`` instead of wrapping (as optax's
     counts do): a run that long keeps its last schedule value and bias correction."""
+    if is_torch(count):  # eager: a comparison of one number, cheaper than the array functions
+        return count + 1 if int(count) < MAX_STEP else count.clone()
+    if is_numpy(count):
+        return np.array(count + 1 if int(count) < MAX_STEP else count, dtype=count.dtype)
     xp = namespace(count)
     top = xp.asarray(MAX_STEP - 1, dtype=count.dtype)
     return xp.asarray(xp.minimum(count, top) + xp.asarray(1, dtype=count.dtype))

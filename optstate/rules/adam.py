@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from . import _inplace
+from . import _fused, _inplace
 from ._base import (
     Rule,
     abs2,
@@ -60,25 +60,48 @@ def _direction(hyper: Any, state: AdamState, grad: Any) -> tuple[AdamState, Any]
 
 def _step_(
     hyper: Any, states: list[AdamState], params: list[Any], grads: list[Any], decay: float = 0.0
-) -> None:
-    """Adam (with decoupled ``decay``) in place, the arithmetic of ``torch.optim.Adam``'s
+) -> _inplace.Writes:
+    """Adam (with decoupled ``decay``) for ``update_``, the arithmetic of ``torch.optim.Adam``'s
     ``foreach`` form: ``m`` lerps towards ``g``, ``v`` takes ``(1 - beta2) g^2``, and the
-    parameter moves by ``-lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``."""
+    parameter moves by ``-lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``. The
+    new values are computed into new arrays; the writes are returned (``_inplace``)."""
     beta1, beta2 = (float(b) for b in hyper["betas"])
     lr, eps = float(hyper["lr"]), float(hyper["eps"])
     mus, nus = [s.mu for s in states], [s.nu for s in states]
     counts = [s.count for s in states]
-    _inplace.add_(counts, 1)
-    steps = _inplace.values(counts)
-    _inplace.lerp_(mus, grads, 1 - beta1)
-    _inplace.mul_(nus, beta2)
-    _inplace.addcmul_(nus, grads, grads, 1 - beta2)
-    denominators = _inplace.sqrt(nus)
+    new_counts = _inplace.counted(counts)
+    steps = _inplace.values(new_counts)
+    new_mus = _inplace.lerp(mus, grads, 1 - beta1)
+    new_nus = _inplace.mul(nus, beta2)
+    _inplace.addcmul_(new_nus, grads, grads, 1 - beta2)
+    denominators = _inplace.sqrt(new_nus)
     _inplace.div_(denominators, [(1 - beta2**t) ** 0.5 for t in steps])
     _inplace.add_(denominators, eps)
-    if decay:
-        _inplace.mul_(params, 1 - lr * decay)
-    _inplace.addcdiv_(params, mus, denominators, [-lr / (1 - beta1**t) for t in steps])
+    decayed = _inplace.mul(params, 1 - lr * decay) if decay else params
+    new_params = _inplace.addcdiv(
+        decayed, new_mus, denominators, [-lr / (1 - beta1**t) for t in steps]
+    )
+    return [
+        *zip(params, new_params, strict=True),
+        *zip(mus, new_mus, strict=True),
+        *zip(nus, new_nus, strict=True),
+        *zip(counts, new_counts, strict=True),
+    ]
+
+
+def _fused_(
+    hyper: Any, states: list[AdamState], params: list[Any], grads: list[Any], decay: float | None
+) -> bool:
+    """Adam (AdamW with ``decay``) by torch's fused kernel, if the tensors allow it."""
+    mus, nus = [s.mu for s in states], [s.nu for s in states]
+    if not _fused.fits(params, grads, [mus, nus], [s.count for s in states]):
+        return False
+    beta1, beta2 = (float(b) for b in hyper["betas"])
+    _fused.adam_(
+        params, grads, mus, nus, [s.count for s in states],
+        lr=float(hyper["lr"]), beta1=beta1, beta2=beta2, eps=float(hyper["eps"]), decay=decay,
+    )  # fmt: skip
+    return True
 
 
 @dataclass(frozen=True)
@@ -99,7 +122,10 @@ class Adam(Rule):
     :math:`v` is real, as in optax.
 
     ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
-    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
+    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md);
+    on contiguous torch tensors of one device and one float dtype (16-bit included) with
+    moments in that dtype, where this rule is the step's only one, with torch's fused kernel
+    (``torch._fused_adam_``, as ``torch.optim.Adam(fused=True)``; see docs/pytorch.md).
 
     Args:
         lr: the learning rate :math:`\eta`.
@@ -146,8 +172,11 @@ class Adam(Rule):
 
     def update_all_(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> None:
-        _step_(hyper, states, params, grads)
+    ) -> _inplace.Writes:
+        return _step_(hyper, states, params, grads)
+
+    def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        return _fused_(hyper, states, params, grads, None)
 
 
 @dataclass(frozen=True)
@@ -163,7 +192,9 @@ class AdamW(Rule):
     ``torch.optim.AdamW`` (default ``weight_decay=1e-2``) and ``optax.adamw``.
 
     ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
-    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
+    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md);
+    where the tensors allow it (see ``Adam``), with torch's fused kernel
+    (``torch._fused_adamw_``, as ``torch.optim.AdamW(fused=True)``).
 
     Args:
         lr: the learning rate :math:`\eta`.
@@ -211,5 +242,8 @@ class AdamW(Rule):
 
     def update_all_(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> None:
-        _step_(hyper, states, params, grads, float(hyper["weight_decay"]))
+    ) -> _inplace.Writes:
+        return _step_(hyper, states, params, grads, float(hyper["weight_decay"]))
+
+    def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        return _fused_(hyper, states, params, grads, float(hyper["weight_decay"]))

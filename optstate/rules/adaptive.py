@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
+from . import _fused
 from ._base import Rule, abs2, cast, increment, moment_zeros, namespace, real_dtype
 from ._validate import flag, floating_dtype, hyper, nonnegative, static
 from .adaptive2 import (
@@ -160,6 +161,10 @@ class AdaGrad(Rule):
     :math:`\sqrt{s + \epsilon}` instead; with ``initial_accumulator=0.1, eps=1e-7`` that is
     ``optax.adagrad``.
 
+    ``update_`` on contiguous torch tensors of one device and one float dtype, where this rule
+    is the step's only one, runs torch's fused kernel (``torch._fused_adagrad_``, as
+    ``torch.optim.Adagrad(fused=True)``; ``eps_in_sqrt=False`` only); elsewhere the pure form.
+
     Args:
         lr: the learning rate :math:`\eta`.
         lr_decay: :math:`\lambda`, the decay of the learning rate with the step count.
@@ -214,6 +219,17 @@ class AdaGrad(Rule):
 
         total, step = by_parts(xp, kernel, grad, state.sum_of_squares)
         return AdaGradState(total, count), step
+
+    def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
+        sums = [s.sum_of_squares for s in states]
+        counts = [s.count for s in states]
+        if self.eps_in_sqrt or not _fused.fits(params, grads, [sums], counts):
+            return False
+        _fused.adagrad_(
+            params, grads, sums, counts,
+            lr=float(hyper["lr"]), lr_decay=float(hyper["lr_decay"]), eps=float(hyper["eps"]),
+        )  # fmt: skip
+        return True
 
 
 class AdaDeltaState(NamedTuple):

@@ -48,8 +48,9 @@ class Descent(Rule):
 
     def update_all_(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> None:
-        _inplace.add_scaled_(params, grads, -float(hyper["lr"]))
+    ) -> _inplace.Writes:
+        new = _inplace.add_scaled(params, grads, -float(hyper["lr"]))
+        return list(zip(params, new, strict=True))
 
 
 class MomentumState(NamedTuple):
@@ -108,8 +109,8 @@ class Momentum(Rule):
 
     def update_all_(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> None:
-        _momentum_(hyper, states, params, grads, nesterov=False)
+    ) -> _inplace.Writes:
+        return _momentum_(hyper, states, params, grads, nesterov=False)
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ class Nesterov(Rule):
 
     def update_all_(
         self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> None:
-        _momentum_(hyper, states, params, grads, nesterov=True)
+    ) -> _inplace.Writes:
+        return _momentum_(hyper, states, params, grads, nesterov=True)
 
 
 def _momentum(hyper: Any, state: Any, grad: Any, *, nesterov: bool) -> tuple[Any, Any]:
@@ -176,12 +177,13 @@ def _momentum(hyper: Any, state: Any, grad: Any, *, nesterov: bool) -> tuple[Any
 
 def _momentum_(
     hyper: Any, states: list[Any], params: list[Any], grads: list[Any], *, nesterov: bool
-) -> None:
-    """``_momentum`` in place, the arithmetic of ``torch.optim.SGD``'s ``foreach`` form."""
+) -> _inplace.Writes:
+    """``_momentum`` for ``update_``, the arithmetic of ``torch.optim.SGD``'s ``foreach`` form,
+    computed into new arrays; the writes are returned (``_inplace``)."""
     lr, mu = float(hyper["lr"]), float(hyper["momentum"])
     velocities = [s.velocity for s in states]
-    _inplace.mul_(velocities, mu)
-    _inplace.add_scaled_(velocities, grads, 1.0)
-    if nesterov:
-        _inplace.add_scaled_(params, grads, -lr)
-    _inplace.add_scaled_(params, velocities, -lr * mu if nesterov else -lr)
+    new_velocities = _inplace.mul(velocities, mu)
+    _inplace.add_scaled_(new_velocities, grads, 1.0)
+    steps = _inplace.add_scaled(grads, new_velocities, mu) if nesterov else new_velocities
+    new_params = _inplace.add_scaled(params, steps, -lr)
+    return [*zip(params, new_params, strict=True), *zip(velocities, new_velocities, strict=True)]

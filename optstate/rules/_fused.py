@@ -1,0 +1,131 @@
+"""torch's fused optimiser kernels: one call steps every parameter, moment and count of a group.
+
+``torch.optim.Adam(fused=True)``, ``AdamW(fused=True)`` and ``Adagrad(fused=True)`` run one
+kernel (``torch._fused_adam_``, ``torch._fused_adamw_``, ``torch._fused_adagrad_``) that reads
+each element of a parameter, its gradient and its moments once and writes the new ones: the
+fastest form on CPU and GPU. ``update_`` uses them for ``Adam``, ``AdamW`` and ``AdaGrad``
+(``Rule.fused_``) where the tensors allow it (``fits``), and where that rule's group is the step's
+only one (the kernel's one call is then the step's only write, so a failure changes nothing).
+
+The kernels are called as ``torch.optim`` calls them: ``maximize=False``, ``amsgrad=False``, no
+``grad_scale`` or ``found_inf``, and the step counts as float tensors on the parameters' device,
+counted one up before the call (torch adds one to its own counts before the kernel). optstate's
+counts are int32 tensors: they are raised by one before the call and lowered again if it fails.
+torch is never imported here: only used once the program has imported it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import _inplace
+
+FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def fits(
+    params: Sequence[Any], grads: Sequence[Any], moments: Sequence[Sequence[Any]], counts: Any
+) -> bool:
+    """One fused call can step these: torch tensors of one device and one floating dtype (the
+    parameters, their gradients and every moment, ``moments`` holding one list per kind),
+    dense and contiguous, writable; int32 step counts; and no memory shared between a gradient
+    and what the kernel writes, nor between two written tensors (the kernel reads each element
+    once, so it must not be written by the step before it is read)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not params or not isinstance(params[0], torch.Tensor):
+        return False
+    dtype = params[0].dtype
+    if dtype not in _dtypes(torch) or torch.is_inference_mode_enabled():
+        return False
+    device = params[0].device
+    tensor = torch.Tensor
+    written = [*params, *(x for kind in moments for x in kind)]
+    cpu = params[0].is_cpu  # the common case, tested without making device objects
+    every = (*written, *grads)
+    if not all(isinstance(x, tensor) for x in every):
+        return False
+    # (A sparse tensor is not contiguous; real dtypes have no conjugate or negative bit.)
+    if cpu:
+        if not all(x.dtype is dtype and x.is_contiguous() and x.is_cpu for x in every):
+            return False
+    elif not all(x.dtype is dtype and x.is_contiguous() and x.device == device for x in every):
+        return False
+    if any(p.is_inference() for p in params):  # written only in inference mode
+        return False
+    if not all(isinstance(c, tensor) and c.dtype is torch.int32 for c in counts):
+        return False
+    keys = {x.untyped_storage().data_ptr() for x in written}
+    return len(keys) == len(written) and keys.isdisjoint(
+        g.untyped_storage().data_ptr() for g in grads
+    )
+
+
+def _steps(counts: list[Any], device: Any) -> list[Any]:
+    """The counts after this step as float32 tensors on ``device`` (one tensor per distinct
+    count, shared: the kernel only reads them)."""
+    torch = sys.modules["torch"]
+    made: dict[int, Any] = {}
+    out = []
+    for t in _inplace.values(counts):
+        if t not in made:
+            made[t] = torch.tensor(float(t), dtype=torch.float32, device=device)
+        out.append(made[t])
+    return out
+
+
+def adam_(
+    params: list[Any],
+    grads: list[Any],
+    mus: list[Any],
+    nus: list[Any],
+    counts: list[Any],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decay: float | None,
+) -> None:
+    """One Adam step in place (AdamW's with ``decay``, Adam's with ``None``)."""
+    torch = sys.modules["torch"]
+    kernel = torch._fused_adam_ if decay is None else torch._fused_adamw_
+    _inplace.count_(counts, 1)
+    try:
+        kernel(
+            params, grads, mus, nus, [], _steps(counts, params[0].device),
+            amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=decay or 0.0,
+            eps=eps, maximize=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+    except BaseException:
+        _inplace.count_(counts, -1)
+        raise
+
+
+def adagrad_(
+    params: list[Any],
+    grads: list[Any],
+    sums: list[Any],
+    counts: list[Any],
+    *,
+    lr: float,
+    lr_decay: float,
+    eps: float,
+) -> None:
+    """One AdaGrad step in place."""
+    torch = sys.modules["torch"]
+    _inplace.count_(counts, 1)
+    try:
+        torch._fused_adagrad_(
+            params, grads, sums, _steps(counts, params[0].device),
+            lr=lr, lr_decay=lr_decay, weight_decay=0.0, eps=eps, maximize=False,
+            grad_scale=None, found_inf=None,
+        )  # fmt: skip
+    except BaseException:
+        _inplace.count_(counts, -1)
+        raise
+
+
+def _dtypes(torch: Any) -> tuple[Any, ...]:
+    return tuple(getattr(torch, name) for name in FLOATS)
