@@ -17,7 +17,7 @@ import numpy as np
 from . import _arrays
 from ._state import Plan
 from .rules import _inplace
-from .rules._base import Rule, increment
+from .rules._contract import Rule, increment
 from .schedules import Schedule
 
 # ``layout[pos]`` for a position without a gradient to use (none given, not a parameter, or its

@@ -10,7 +10,7 @@ from ._apply import evaluate
 from ._state import State
 from ._update import _check_model, _check_structure, _place
 from ._walk import flatten, unwrap
-from .rules._base import Rule
+from .rules._contract import Rule
 from .rules.compose import OptimiserChain
 from .rules.wrappers import MixedPrecision, SkipNonFinite
 

@@ -18,7 +18,7 @@ from ._errors import GroupSplitWarning, StructureError, TieError
 from ._state import Plan, State
 from ._ties import Param, find_ties
 from ._walk import Key, flatten, path_strings, position_keys, unwrap
-from .rules._base import Rule
+from .rules._contract import Rule
 from .schedules import Schedule
 
 # A rule; a function of a position's path, or of its path and its leaf; or a tree prefix of rules.

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 from ._ties import Param, Slot
-from .rules._base import Rule
+from .rules._contract import Rule
 
 
 class Plan:

@@ -21,7 +21,7 @@ from ._state import Plan, State
 from ._ties import Slot, _overlapping_pairs, orientation
 from ._transpose import Transpose
 from ._walk import flatten, gather, path_string, path_strings, unwrap, wrap
-from .rules._base import increment
+from .rules._contract import increment
 
 
 def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tuple[State, Any]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import optstate as ost
-from optstate.rules.adaptive import (
+from optstate.rules import (
     AdaBelief,
     AdaDelta,
     AdaGrad,

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..rules._base import Rule
+from ..rules._contract import Rule
 from ._codec import CheckpointError, Json, dtype_name, parse_dtype
 from ._kinds import numpy_dtype
 

@@ -15,7 +15,7 @@ import numpy as np
 import optax  # type: ignore[import-untyped]
 
 from .. import _arrays
-from ..rules._base import AcrossParameters, Rule
+from ..rules._contract import AcrossParameters, Rule
 from ..rules._validate import Hyper, check_hyper, static
 from ._optax_refusals import refuse_unrunnable
 

@@ -28,7 +28,7 @@ from .._setup import RuleSpec, _rules_per_position, setup
 from .._state import State
 from .._update import retie, update
 from .._walk import flatten
-from ..rules._base import Rule
+from ..rules._contract import Rule
 from ..rules.sgd import Descent
 from ..schedules import Schedule
 

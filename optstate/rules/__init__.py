@@ -1,23 +1,23 @@
-"""The rules: small pure functions of one parameter and its summed gradient (see ``_base``)."""
+"""The rules: small pure functions of one parameter and its summed gradient (see ``_contract``)."""
 
-from ._base import Rule as Rule
+from ._contract import Rule as Rule
 from ._validate import Hyper as Hyper
 from ._validate import hyper as hyper
 from ._validate import member as member
 from ._validate import static as static
+from .accumulators import AdaDelta as AdaDelta
+from .accumulators import AdaGrad as AdaGrad
+from .accumulators import RMSProp as RMSProp
 from .adafactor import Adafactor as Adafactor
 from .adam import Adam as Adam
 from .adam import AdamW as AdamW
-from .adaptive import AdaBelief as AdaBelief
-from .adaptive import AdaDelta as AdaDelta
-from .adaptive import AdaGrad as AdaGrad
-from .adaptive import AdaMax as AdaMax
-from .adaptive import AMSGrad as AMSGrad
-from .adaptive import NAdam as NAdam
-from .adaptive import OAdam as OAdam
-from .adaptive import RAdam as RAdam
-from .adaptive import RMSProp as RMSProp
-from .adaptive import Yogi as Yogi
+from .adam_moments import AdaBelief as AdaBelief
+from .adam_moments import OAdam as OAdam
+from .adam_moments import Yogi as Yogi
+from .adam_variants import AdaMax as AdaMax
+from .adam_variants import AMSGrad as AMSGrad
+from .adam_variants import NAdam as NAdam
+from .adam_variants import RAdam as RAdam
 from .ademamix import AdEMAMix as AdEMAMix
 from .adopt import Adopt as Adopt
 from .clip import ClipGlobalNorm as ClipGlobalNorm

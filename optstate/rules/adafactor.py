@@ -9,7 +9,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from .._arrays import reduced_zeros
-from ._base import Rule, cast, finfo, increment, isdtype, namespace, scalars
+from ._contract import Rule, increment
+from ._numerics import cast, finfo, isdtype, namespace, scalars
 from ._validate import Hyper, flag, hyper, one_of, positive_int, static
 
 

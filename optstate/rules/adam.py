@@ -6,17 +6,8 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
 from . import _fused, _inplace
-from ._base import (
-    Rule,
-    abs2,
-    cast,
-    increment,
-    moment_zeros,
-    namespace,
-    real_dtype,
-    scalar_dtype,
-    scalars,
-)
+from ._contract import Rule, increment
+from ._numerics import abs2, cast, moment_zeros, namespace, real_dtype, scalar_dtype, scalars
 from ._validate import floating_dtype, hyper, static
 
 

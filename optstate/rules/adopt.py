@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from ._base import (
-    Rule,
+from ._contract import Rule, increment
+from ._numerics import (
     abs2,
     cast,
-    increment,
     isdtype,
     moment_zeros,
     namespace,

@@ -7,17 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._base import (
-    AcrossParameters,
-    Rule,
-    abs2,
-    cast,
-    finfo,
-    isdtype,
-    namespace,
-    real_dtype,
-    scalars,
-)
+from ._contract import AcrossParameters, Rule
+from ._numerics import abs2, cast, finfo, isdtype, namespace, real_dtype, scalars
 from ._validate import hyper, static
 
 

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 
 import jax
 
-from ._base import AcrossParameters, Rule, check_member, namespace, select
+from ._contract import AcrossParameters, Rule, check_member
+from ._numerics import namespace, select
 from ._validate import member
 
 

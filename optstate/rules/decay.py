@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._base import Rule, namespace, scalars
+from ._contract import Rule
+from ._numerics import namespace, scalars
 from ._validate import hyper
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from ._base import Rule, abs2, cast, increment, namespace, real_dtype, scalars
+from ._contract import Rule, increment
+from ._numerics import abs2, cast, namespace, real_dtype, scalars
 from ._validate import flag, hyper, static
 
 

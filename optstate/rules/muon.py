@@ -6,7 +6,8 @@ import math
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from ._base import Rule, abs2, cast, isdtype, namespace, real_dtype, scalar_dtype, scalars
+from ._contract import Rule
+from ._numerics import abs2, cast, isdtype, namespace, real_dtype, scalar_dtype, scalars
 from ._validate import flag, hyper, one_of, static
 
 # Keller Jordan's coefficients, which torch.optim.Muon and optax.contrib.muon use by default.

@@ -6,18 +6,8 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from ._base import (
-    AcrossParameters,
-    abs2,
-    cast,
-    finfo,
-    increment,
-    isdtype,
-    namespace,
-    real_dtype,
-    scalar_dtype,
-    select,
-)
+from ._contract import AcrossParameters, increment
+from ._numerics import abs2, cast, finfo, isdtype, namespace, real_dtype, scalar_dtype, select
 from ._validate import flag, hyper, static
 
 

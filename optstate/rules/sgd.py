@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import _inplace
-from ._base import Rule, namespace, scalars
+from ._contract import Rule
+from ._numerics import namespace, scalars
 from ._validate import hyper
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from ._base import Rule, cast, increment, isdtype, moment_zeros, namespace, real_dtype, scalars
+from ._contract import Rule, increment
+from ._numerics import cast, isdtype, moment_zeros, namespace, real_dtype, scalars
 from ._validate import Hyper, floating_dtype, hyper, static
 
 

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-from ._base import AcrossParameters, Rule, cast, finfo, increment, isdtype, namespace, select
+from ._contract import AcrossParameters, Rule, increment
+from ._numerics import cast, finfo, isdtype, namespace, select
 from ._validate import member, positive_int, static
 
 

@@ -1,9 +1,10 @@
-"""Adam's variants with a ``torch.optim`` reference (RAdam, NAdam, AdaMax, AMSGrad), and the helpers
-the adaptive rules share. Import the rules from ``optstate.rules.adaptive``.
+"""Adam's variants in ``torch.optim``: ``RAdam`` (a rectified warm-up), ``NAdam`` (Nesterov
+momentum), ``AdaMax`` (the infinity norm) and ``AMSGrad`` (the maximum second moment), with
+torch's arithmetic.
 
-Scalar arithmetic (bias corrections, schedules of the momentum) runs in ``float64`` when the
-parameter or the hyper-parameters are ``float64`` (as torch computes it in Python floats), else in
-``float32``; only the resulting factors are cast to the parameter's dtype.
+Scalar arithmetic (bias corrections, schedules of the momentum) follows ``_numerics``' policy:
+``float64`` when the parameter or the hyper-parameters are, as torch computes it in Python floats,
+else ``float32``; only the resulting factors are cast to the parameter's dtype.
 """
 
 from __future__ import annotations
@@ -11,63 +12,20 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from ._base import Rule, cast, increment, isdtype, moment_zeros, namespace, real_dtype
+from ._contract import Rule, increment
+from ._numerics import (
+    by_parts,
+    cast,
+    moment_zeros,
+    namespace,
+    powers,
+    real_dtype,
+    scalars,
+    wide_dtype,
+)
 from ._validate import flag, floating_dtype, hyper, static
 
-__all__ = ["AMSGrad", "AdaMax", "NAdam", "RAdam"]  # the helpers below serve adaptive.py only
-
-# -- helpers shared with adaptive.py -------------------------------------------------------------
-
-
-def wide_dtype(xp: Any, real: Any, *values: Any) -> Any:
-    """The dtype of scalar arithmetic: ``float64`` if ``real`` or any hyper-parameter is, else
-    ``float32`` (never less, so ``bfloat16`` parameters get ``float32`` bias corrections)."""
-    dtypes = [real]
-    for v in values:
-        dtype = getattr(v, "dtype", None)
-        dtypes.append(xp.asarray(v).dtype if dtype is None else dtype)
-    # by name, so that NumPy hyper-parameters also widen another namespace's arithmetic
-    wide = any(str(d).rsplit(".", 1)[-1] == "float64" for d in dtypes)
-    return xp.float64 if wide else xp.float32
-
-
-def as_dtype(xp: Any, dtype: Any, *values: Any) -> tuple[Any, ...]:
-    """Numbers and 0-d arrays as 0-d arrays of ``dtype``."""
-    return tuple(xp.asarray(v, dtype=dtype) for v in values)
-
-
-def powers(xp: Any, beta: Any, t: Any) -> tuple[Any, Any]:
-    """``(beta**t, 1 - beta**t)``. The second as ``-expm1(t log beta)``: accurate to a few ulps
-    where ``beta**t`` is near 1, which a float32 subtraction is not (torch subtracts in float64)."""
-    positive = beta > 0
-    log = xp.log(xp.where(positive, beta, xp.ones_like(beta)))
-    one = xp.ones_like(beta)
-    return xp.where(positive, xp.exp(t * log), 0 * one), xp.where(positive, -xp.expm1(t * log), one)
-
-
-def by_parts(xp: Any, fn: Any, grad: Any, *buffers: Any) -> tuple[Any, ...]:
-    """``fn(grad, *buffers)`` on real arrays; for complex ones applied to the real and the imaginary
-    parts separately and put back together (torch's ``view_as_real``). ``None`` passes through."""
-    if not isdtype(xp, grad.dtype, "complex floating"):
-        return tuple(fn(grad, *buffers))
-
-    def part(take: Any) -> tuple[Any, ...]:
-        return tuple(fn(take(grad), *(None if b is None else take(b) for b in buffers)))
-
-    one_j = xp.asarray(1j, dtype=grad.dtype)
-    return tuple(
-        None if re is None else cast(re, grad.dtype) + one_j * cast(im, grad.dtype)
-        for re, im in zip(part(xp.real), part(xp.imag), strict=True)
-    )
-
-
-def full_like(param: Any, value: float, *, both_parts: bool) -> Any:
-    """A buffer of ``value``; for complex parameters ``value + value j`` with ``both_parts``
-    (torch's element-wise convention), else ``value + 0j`` (optax's)."""
-    xp = namespace(param)
-    if isdtype(xp, param.dtype, "complex floating") and both_parts:
-        return xp.full_like(param, complex(value, value))
-    return xp.full_like(param, value)
+__all__ = ["AMSGrad", "AdaMax", "NAdam", "RAdam"]
 
 
 def _moments_init(rule: Any, param: Any) -> tuple[Any, Any, Any]:
@@ -77,9 +35,6 @@ def _moments_init(rule: Any, param: Any) -> tuple[Any, Any, Any]:
         xp.zeros_like(param),
         xp.zeros((), dtype=xp.int32),
     )
-
-
-# -- the rules --------------------------------------------------------------------------------
 
 
 class RAdamState(NamedTuple):
@@ -152,7 +107,7 @@ class RAdam(Rule):
         beta1, beta2 = hyper["betas"]
         count = increment(state.count)
         wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
-        lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
+        lr, b1, b2, eps, t = scalars(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
         _, bc1 = powers(xp, b1, t)
         b2t, bc2 = powers(xp, b2, t)
         rho_inf = 2 / (1 - b2) - 1
@@ -162,7 +117,7 @@ class RAdam(Rule):
         six = 6 * xp.ones_like(rho)
         rho, rho_inf = xp.where(rectify, rho, six), xp.where(rectify, rho_inf, six)
         r = xp.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-        w1, w2, b2_, eps_, lr_, bc1_, bc2_, r_, sqrt_bc2 = as_dtype(
+        w1, w2, b2_, eps_, lr_, bc1_, bc2_, r_, sqrt_bc2 = scalars(
             xp, real, 1 - b1, 1 - b2, b2, eps, lr, bc1, bc2, r, xp.sqrt(bc2)
         )
 
@@ -257,19 +212,19 @@ class NAdam(Rule):
         h = (hyper["lr"], beta1, beta2, hyper["eps"], hyper["momentum_decay"])
         count = increment(state.count)
         wide = wide_dtype(xp, real, *h)
-        lr, b1, b2, eps, psi, t = as_dtype(xp, wide, *h, count)
+        lr, b1, b2, eps, psi, t = scalars(xp, wide, *h, count)
         _, bc2 = powers(xp, b2, t)
         if self.momentum_schedule:
             mu_t = b1 * (1 - 0.5 * 0.96 ** (t * psi))
             mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * psi))
         else:
             mu_t = mu_next = b1
-        (mu_t_stored,) = as_dtype(xp, state.mu_product.dtype, mu_t)
+        (mu_t_stored,) = scalars(xp, state.mu_product.dtype, mu_t)
         product = state.mu_product * mu_t_stored
-        (product_wide,) = as_dtype(xp, wide, product)
+        (product_wide,) = scalars(xp, wide, product)
         c_grad = lr * (1 - mu_t) / (1 - product_wide)
         c_mom = lr * mu_next / (1 - product_wide * mu_next)
-        w1, w2, b2_, eps_, bc2_, c_grad, c_mom = as_dtype(
+        w1, w2, b2_, eps_, bc2_, c_grad, c_mom = scalars(
             xp, real, 1 - b1, 1 - b2, b2, eps, bc2, c_grad, c_mom
         )
 
@@ -341,9 +296,9 @@ class AdaMax(Rule):
         beta1, beta2 = hyper["betas"]
         count = increment(state.count)
         wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
-        lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
+        lr, b1, b2, eps, t = scalars(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
         _, bc1 = powers(xp, b1, t)
-        w1, b2_, eps_, clr = as_dtype(xp, real, 1 - b1, b2, eps, lr / bc1)
+        w1, b2_, eps_, clr = scalars(xp, real, 1 - b1, b2, eps, lr / bc1)
 
         def kernel(g: Any, m: Any, u: Any) -> tuple[Any, Any, Any]:
             m = m + w1 * (g - m)
@@ -420,10 +375,10 @@ class AMSGrad(Rule):
         beta1, beta2 = hyper["betas"]
         count = increment(state.count)
         wide = wide_dtype(xp, real, hyper["lr"], beta1, beta2, hyper["eps"])
-        lr, b1, b2, eps, t = as_dtype(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
+        lr, b1, b2, eps, t = scalars(xp, wide, hyper["lr"], beta1, beta2, hyper["eps"], count)
         _, bc1 = powers(xp, b1, t)
         _, bc2 = powers(xp, b2, t)
-        w1, w2, b2_, eps_, lr_, bc1_, bc2_, sqrt_bc2, step_size = as_dtype(
+        w1, w2, b2_, eps_, lr_, bc1_, bc2_, sqrt_bc2, step_size = scalars(
             xp, real, 1 - b1, 1 - b2, b2, eps, lr, bc1, bc2, xp.sqrt(bc2), lr / bc1
         )
 

@@ -34,8 +34,6 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import cast, is_numpy, is_torch, namespace
@@ -318,66 +316,3 @@ def _is_hyper(value: Any) -> bool:
     return isinstance(value, Schedule) or (
         isinstance(value, numbers.Real) and not isinstance(value, bool)
     )
-
-
-def finfo(xp: Any, dtype: Any) -> Any:
-    """``xp.finfo(dtype)``, also for NumPy arrays of ml_dtypes' 16-bit and 8-bit floats (such as
-    bfloat16), which NumPy's own ``finfo`` does not know."""
-    try:
-        return xp.finfo(dtype)
-    except (ValueError, TypeError, AttributeError):
-        return jnp.finfo(dtype)  # type: ignore[no-untyped-call]
-
-
-def isdtype(xp: Any, dtype: Any, kind: str) -> bool:
-    """``xp.isdtype(dtype, kind)``, also for ml_dtypes' floats in NumPy arrays (see ``finfo``)."""
-    try:
-        return bool(xp.isdtype(dtype, kind))
-    except (ValueError, TypeError):
-        return bool(jnp.isdtype(dtype, kind))
-
-
-def moment_zeros(rule: Rule, mu_dtype: Any, param: Any) -> Any:
-    """The first-moment buffer: zeros in ``mu_dtype``, or in the parameter's dtype for ``None``."""
-    xp = namespace(param)
-    if mu_dtype is None:
-        return xp.zeros_like(param)
-    if isdtype(xp, param.dtype, "complex floating"):
-        raise TypeError(
-            f"{rule.name()}(mu_dtype={mu_dtype!r}) stores the first moment in a real dtype, but "
-            f"the parameter is {param.dtype}; use mu_dtype=None for complex parameters"
-        )
-    if type(mu_dtype).__module__ != "torch":
-        mu_dtype = np.dtype(mu_dtype)  # names such as "bfloat16" as dtypes every namespace takes
-    return xp.zeros_like(param, dtype=mu_dtype)
-
-
-def real_dtype(xp: Any, x: Any) -> Any:
-    """``float32`` for ``complex64``, the dtype itself for real arrays."""
-    dtype = finfo(xp, x.dtype).dtype
-    return getattr(xp, dtype) if isinstance(dtype, str) else dtype  # torch's finfo gives a name
-
-
-def scalar_dtype(xp: Any, x: Any) -> Any:
-    """The real dtype, at least float32, in which to compute scalars derived from hyper-parameters
-    (``1 - beta``, bias corrections) before casting them to a 16-bit parameter's dtype."""
-    real = real_dtype(xp, x)
-    return xp.float32 if finfo(xp, real).bits < 32 else real
-
-
-def scalars(xp: Any, dtype: Any, *values: Any) -> tuple[Any, ...]:
-    """Hyper-parameters as 0-d arrays of ``dtype``, so arithmetic keeps the parameter's dtype."""
-    return tuple(xp.asarray(v, dtype=dtype) for v in values)
-
-
-def abs2(xp: Any, g: Any) -> Any:
-    """``|g|**2``, real-valued also for complex ``g``."""
-    if isdtype(xp, g.dtype, "complex floating"):
-        return xp.real(g) ** 2 + xp.imag(g) ** 2
-    return g * g
-
-
-def select(xp: Any, flag: Any, new: Any, old: Any) -> Any:
-    """``new`` where the 0-d boolean ``flag`` holds, else ``old``, leaf by leaf (works under jit,
-    where a Python ``if`` on an array cannot)."""
-    return jax.tree_util.tree_map(lambda n, o: xp.where(flag, n, o), new, old)
