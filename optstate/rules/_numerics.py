@@ -80,8 +80,7 @@ def real_dtype(xp: Any, x: Any) -> Any:
 def scalar_dtype(xp: Any, x: Any) -> Any:
     """The real dtype, at least float32, in which to compute scalars derived from hyper-parameters
     (``1 - beta``, bias corrections) before casting them to a 16-bit parameter's dtype."""
-    real = real_dtype(xp, x)
-    return xp.float32 if finfo(xp, real).bits < 32 else real
+    return wide_dtype(xp, real_dtype(xp, x))  # the one policy, with no hyper-parameter to widen it
 
 
 def scalars(xp: Any, dtype: Any, *values: Any) -> tuple[Any, ...]:
@@ -110,7 +109,7 @@ def wide_dtype(xp: Any, real: Any, *values: Any) -> Any:
         dtype = getattr(v, "dtype", None)
         dtypes.append(xp.asarray(v).dtype if dtype is None else dtype)
     # by name, so that NumPy hyper-parameters also widen another namespace's arithmetic
-    wide = any(str(d).rsplit(".", 1)[-1] == "float64" for d in dtypes)
+    wide = any(str(d).rsplit(".", 1)[-1] in ("float64", "complex128") for d in dtypes)
     return xp.float64 if wide else xp.float32
 
 

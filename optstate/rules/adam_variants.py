@@ -20,6 +20,7 @@ from ._numerics import (
     namespace,
     powers,
     real_dtype,
+    scalar_dtype,
     scalars,
     wide_dtype,
 )
@@ -201,7 +202,7 @@ class NAdam(Rule):
 
     def init(self, param: Any) -> NAdamState:
         xp = namespace(param)
-        product = xp.float64 if real_dtype(xp, param) == xp.float64 else xp.float32
+        product = scalar_dtype(xp, param)
         mu, nu, count = _moments_init(self, param)
         return NAdamState(mu, nu, xp.ones((), dtype=product), count)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._contract import AcrossParameters, Rule
-from ._numerics import abs2, cast, finfo, isdtype, namespace, real_dtype, scalars
+from ._numerics import abs2, cast, isdtype, namespace, real_dtype, scalars, wide_dtype
 from ._validate import hyper, static
 
 
@@ -150,7 +150,7 @@ class ClipGlobalNorm(AcrossParameters):
     ) -> tuple[list[Any], list[Any]]:
         hyper = hypers[0]  # the same for every parameter of the group
         xp = namespace(grads[0])
-        wide = xp.float64 if any(finfo(xp, g.dtype).bits >= 64 for g in grads) else xp.float32
+        wide = wide_dtype(xp, xp.float32, *grads)
         squares = [xp.sum(abs2(xp, cast(g, _widened(xp, g, wide)))) for g in grads]
         norm = xp.sqrt(xp.sum(xp.stack([cast(s, wide) for s in squares])))
         (bound,) = scalars(xp, wide, hyper["max_norm"])

@@ -7,7 +7,16 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
 from ._contract import AcrossParameters, increment
-from ._numerics import abs2, cast, finfo, isdtype, namespace, real_dtype, scalar_dtype, select
+from ._numerics import (
+    abs2,
+    cast,
+    isdtype,
+    namespace,
+    real_dtype,
+    scalar_dtype,
+    select,
+    wide_dtype,
+)
 from ._validate import flag, hyper, static
 
 
@@ -112,7 +121,7 @@ class Prodigy(AcrossParameters):
     ) -> tuple[list[Any], list[Any]]:
         hyper = hypers[0]  # the same for every parameter of the group
         xp = namespace(grads[0])
-        wide = xp.float64 if any(finfo(xp, g.dtype).bits >= 64 for g in grads) else xp.float32
+        wide = wide_dtype(xp, xp.float32, *grads)
         # The group's estimate, from the parameter that has taken the most steps (all agree
         # when every parameter steps every time).
         d, numerator, count = states[0].d, states[0].numerator, states[0].count
