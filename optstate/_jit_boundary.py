@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _arrays
 from ._arrays import Perm
-from ._ties import _Groups, _overlapping_pairs, _root_rank
+from ._ties import Groups, overlapping_pairs, root_rank
 
 __all__ = [
     "Signature",
@@ -126,8 +126,8 @@ def _numpy_views(objects: list[Any]) -> dict[int, tuple[int, Perm]]:
         return {}
     candidates = [k for k, x in enumerate(objects) if isinstance(x, np.ndarray)]
     arrays = [objects[k] for k in candidates]
-    groups = _Groups(len(arrays))
-    for i, j in _overlapping_pairs(arrays):
+    groups = Groups(len(arrays))
+    for i, j in overlapping_pairs(arrays):
         if _arrays.view_permutation(arrays[i], arrays[j]) is not False:
             groups.union(i, j)
     members: dict[int, list[int]] = {}
@@ -137,7 +137,7 @@ def _numpy_views(objects: list[Any]) -> dict[int, tuple[int, Perm]]:
     for group in members.values():
         if len(group) < 2:
             continue
-        root = min(group, key=lambda i: _root_rank(arrays[i]))
+        root = min(group, key=lambda i: root_rank(arrays[i]))
         for i in group:
             perm = _arrays.view_permutation(arrays[root], arrays[i])
             if i != root and perm is not False:

@@ -60,7 +60,7 @@ def orientation(slot: Slot, ndim: int, depth: int | None = None) -> Perm:
     return _arrays.reverse(slot.perm, ndim) if layers % 2 else slot.perm
 
 
-class _Groups:
+class Groups:
     """Union-find over candidate objects (by index)."""
 
     def __init__(self, n: int) -> None:
@@ -81,62 +81,18 @@ def find_ties(
 ) -> tuple[tuple[Slot | None, ...], tuple[Param, ...]]:
     """The tie plan of a flattened model: a slot per position and the unique parameters.
 
-    ``paths`` gives the positions' names; it is only called to write an error message.
+    Three passes: the distinct trainable arrays, in order of first position; the groups of
+    arrays that are views of one memory; each group's base orientation and every position's
+    permutation of it. ``paths`` gives the positions' names; it is only called to write an error
+    message.
     """
-    objects: list[Any] = []  # distinct trainable arrays, in order of first position
-    index: dict[int, int] = {}  # id(array) -> its index in ``objects``
-    where: list[list[tuple[int, int, Perm]]] = []  # per object: (position, depth, traced view)
-    views = _traced_views(leaves)
-    for pos, leaf in enumerate(leaves):
-        x, depth = unwrap(leaf)
-        if not _arrays.is_trainable(x):
-            continue
-        view = views.get(id(x)) if views else None
-        traced_perm = None
-        if view is not None and view[0] is x:
-            x, traced_perm = view[1], view[2]
-        k = index.get(id(x))
-        if k is None:
-            k = index[id(x)] = len(objects)
-            objects.append(x)
-            where.append([])
-        where[k].append((pos, depth, traced_perm))
-
-    groups = _Groups(len(objects))
-    joined = False
-    for i, j in _overlapping_pairs(objects):
-        a, b = objects[i], objects[j]
-        if not _arrays.shares_memory(a, b):
-            continue  # interleaved but disjoint, e.g. two columns of one matrix
-        if _arrays.view_permutation(a, b) is False:
-            names = paths()
-            raise TieError(
-                f"{names[where[i][0][0]]} and {names[where[j][0][0]]} share memory, but neither is "
-                "the other or its transpose (a slice, a reshape or a partial overlap cannot be "
-                "trained as one parameter). Got shapes "
-                f"{tuple(a.shape)} and {tuple(b.shape)}, byte strides {_arrays.strides(a)} and "
-                f"{_arrays.strides(b)}, byte offsets {_arrays.byte_bounds(a)[0]} and "
-                f"{_arrays.byte_bounds(b)[0]}. Pass a copy (`x.copy()`, `x.clone()`) for an "
-                "independent parameter, or the same array (or "
-                "`optstate.Transpose(x)`) for a tie."
-            )
-        groups.union(i, j)
-        joined = True
-
-    ordered: list[list[int]]
-    if joined:
-        members: dict[int, list[int]] = {}
-        for k in range(len(objects)):
-            members.setdefault(groups.find(k), []).append(k)
-        ordered = sorted(members.values(), key=lambda ks: where[ks[0]][0][0])
-    else:  # no views: every object is a parameter, already in the order of first positions
-        ordered = [[k] for k in range(len(objects))]
-
+    objects, where = _distinct_arrays(leaves)
+    ordered = _view_groups(objects, where, paths)
     slots: list[Slot | None] = [None] * len(leaves)
     params: list[Param] = []
     for group in ordered:
         # The base orientation: the array that owns the memory, else a C-contiguous one.
-        root = group[0] if len(group) == 1 else min(group, key=lambda k: _root_rank(objects[k]))
+        root = group[0] if len(group) == 1 else min(group, key=lambda k: root_rank(objects[k]))
         base = objects[root]
         p = len(params)
         positions = []
@@ -154,6 +110,66 @@ def find_ties(
     return tuple(slots), tuple(params)
 
 
+Where = list[list[tuple[int, int, Perm]]]  # per distinct array: (position, depth, traced view)
+
+
+def _distinct_arrays(leaves: list[Any]) -> tuple[list[Any], Where]:
+    """The distinct trainable arrays of ``leaves`` by identity, in order of first position, and
+    where each one sits (a view traced by ``optstate.jit`` counts as its array, permuted)."""
+    objects: list[Any] = []
+    index: dict[int, int] = {}  # id(array) -> its index in ``objects``
+    where: Where = []
+    views = _traced_views(leaves)
+    for pos, leaf in enumerate(leaves):
+        x, depth = unwrap(leaf)
+        if not _arrays.is_trainable(x):
+            continue
+        view = views.get(id(x)) if views else None
+        traced_perm = None
+        if view is not None and view[0] is x:
+            x, traced_perm = view[1], view[2]
+        k = index.get(id(x))
+        if k is None:
+            k = index[id(x)] = len(objects)
+            objects.append(x)
+            where.append([])
+        where[k].append((pos, depth, traced_perm))
+    return objects, where
+
+
+def _view_groups(
+    objects: list[Any], where: Where, paths: Callable[[], list[str]]
+) -> list[list[int]]:
+    """The arrays grouped by the memory they view (one group per parameter), in order of first
+    position; a partial overlap that is not a permutation is refused."""
+    groups = Groups(len(objects))
+    joined = False
+    for i, j in overlapping_pairs(objects):
+        a, b = objects[i], objects[j]
+        if not _arrays.shares_memory(a, b):
+            continue  # interleaved but disjoint, e.g. two columns of one matrix
+        if _arrays.view_permutation(a, b) is False:
+            names = paths()
+            raise TieError(
+                f"{names[where[i][0][0]]} and {names[where[j][0][0]]} share memory, but neither is "
+                "the other or its transpose (a slice, a reshape or a partial overlap cannot be "
+                "trained as one parameter). Got shapes "
+                f"{tuple(a.shape)} and {tuple(b.shape)}, byte strides {_arrays.strides(a)} and "
+                f"{_arrays.strides(b)}, byte offsets {_arrays.byte_bounds(a)[0]} and "
+                f"{_arrays.byte_bounds(b)[0]}. Pass a copy (`x.copy()`, `x.clone()`) for an "
+                "independent parameter, or the same array (or "
+                "`optstate.Transpose(x)`) for a tie."
+            )
+        groups.union(i, j)
+        joined = True
+    if not joined:  # no views: every array is a parameter, already in order of first positions
+        return [[k] for k in range(len(objects))]
+    members: dict[int, list[int]] = {}
+    for k in range(len(objects)):
+        members.setdefault(groups.find(k), []).append(k)
+    return sorted(members.values(), key=lambda ks: where[ks[0]][0][0])
+
+
 def _traced_views(leaves: list[Any]) -> dict[int, tuple[Any, Any, Perm]] | None:
     """``TRACED_VIEWS`` of the views whose base is also a leaf of ``leaves`` (a view whose base
     is elsewhere is an array of its own, as eagerly)."""
@@ -164,13 +180,13 @@ def _traced_views(leaves: list[Any]) -> dict[int, tuple[Any, Any, Perm]] | None:
     return {i: v for i, v in views.items() if i in present and id(v[1]) in present}
 
 
-def _root_rank(x: Any) -> int:
+def root_rank(x: Any) -> int:
     if not _arrays.has_layout(x):
         return 0
     return 0 if not _arrays.is_view(x) else 1 if _arrays.is_contiguous(x) else 2
 
 
-def _overlapping_pairs(objects: list[Any]) -> list[tuple[int, int]]:
+def overlapping_pairs(objects: list[Any]) -> list[tuple[int, int]]:
     """Pairs of NumPy arrays or torch tensors whose byte ranges intersect in one address space,
     by a sweep over sorted start bytes."""
     spans = sorted(

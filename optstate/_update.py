@@ -18,7 +18,7 @@ import numpy as np
 from . import _apply, _arrays
 from ._errors import StructureError, TieError
 from ._state import Plan, State
-from ._ties import Slot, _overlapping_pairs, orientation
+from ._ties import Slot, orientation, overlapping_pairs
 from ._transpose import Transpose
 from ._walk import flatten, gather, path_string, path_strings, unwrap, wrap
 from .rules._contract import increment
@@ -430,7 +430,7 @@ def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) ->
                 "returns a tied weight as one array; to untie on purpose, call setup again"
             )
     if any(_arrays.is_view(b) for b in bases):  # only views overlap
-        for i, j in _overlapping_pairs(bases):
+        for i, j in overlapping_pairs(bases):
             if _arrays.shares_memory(bases[i], bases[j]):
                 raise TieError(
                     f"{name(plan.params[i].primary)} and {name(plan.params[j].primary)} share "
