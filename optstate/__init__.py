@@ -30,6 +30,7 @@ from ._update import update as update
 from ._update import update_ as update_
 from .checkpoint import load as load
 from .checkpoint import save as save
+from .interop import _torch_kind  # noqa: F401  (registers torch modules and tensors; imports no torch)
 from .rules import AccumGrad as AccumGrad
 from .rules import AdaBelief as AdaBelief
 from .rules import AdaDelta as AdaDelta

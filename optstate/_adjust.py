@@ -14,8 +14,7 @@ import jax
 
 from . import _arrays
 from ._apply import evaluate
-from ._state import Plan, State
-from ._update import _plan
+from ._state import Plan, State, plan_of
 from ._walk import Key, position_keys, skeleton
 from .schedules import Schedule
 
@@ -110,7 +109,7 @@ def thaw(state: State, where: Where = None) -> State:
 
 
 def _set_frozen(state: State, where: Where, value: bool) -> State:
-    plan = _plan(state)
+    plan = plan_of(state, "freeze(state, where)" if value else "thaw(state, where=None)")
     selected = _selected(plan, where)
     if value is False:
         untrained = [k for k, s in enumerate(selected) if s and plan.param_rules[k] < 0]
@@ -161,7 +160,7 @@ def adjust(state: State, where: Where = None, /, **hyper: Any) -> State:
     """
     if not hyper:
         raise TypeError("adjust needs at least one hyper-parameter, e.g. adjust(state, lr=1e-4)")
-    plan = _plan(state)
+    plan = plan_of(state, "adjust(state, where=None, **hyper)")
     selected = _selected(plan, where) if where is not None else [True] * len(plan.params)
     touched = sorted({r for k, r in enumerate(plan.param_rules) if selected[k] and r >= 0})
     if not touched:
@@ -262,7 +261,7 @@ def hyperparams(state: State, where: Where = None) -> dict[str, Any]:
         TypeError: ``state`` is not a ``State``.
         ValueError: a ``where`` that selects nothing.
     """
-    plan = _plan(state)
+    plan = plan_of(state, "hyperparams(state, where=None)")
     selected = _selected(plan, where) if where is not None else [True] * len(plan.params)
     keys = position_keys(skeleton(plan.treedef))
     evaluated: dict[tuple[int, int], Any] = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _arrays
+from . import _arrays, _models
 from ._apply import evaluate
+from ._positions import check_model, check_structure, place
 from ._state import State
-from ._update import _check_model, _check_structure, _place
 from ._walk import flatten, unwrap
 from .rules._contract import Rule
 from .rules.compose import OptimiserChain
@@ -65,14 +65,11 @@ def eval_params(state: State, model: Any) -> Any:
             "the call is eval_params(state, model)"
         )
     plan = state.plan
-    if _arrays.is_torch_module(model):
-        from .interop.torch import parameters
-
-        model = parameters(model)
+    model = _models.positions(model)  # a module as its named parameters
     leaves, treedef = flatten(model)
-    _check_structure(plan, treedef, model)
+    check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
-    _check_model(plan, leaves, bases, model)
+    check_model(plan, leaves, bases, model)
     points, changed = list(bases), [False] * len(bases)
     with _arrays.no_grad(bases):
         for k, r in enumerate(plan.param_rules):
@@ -84,7 +81,7 @@ def eval_params(state: State, model: Any) -> Any:
             changed[k] = True
     if not any(changed):
         return model
-    return treedef.unflatten(_place(plan, leaves, points, changed))
+    return treedef.unflatten(place(plan, leaves, points, changed))
 
 
 def _evaluates_apart(rule: Rule) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from . import _arrays, _copies
+from . import _arrays, _copies, _models
 from ._errors import GroupSplitWarning, StructureError, TieError
 from ._state import Plan, State
 from ._ties import Param, find_ties
@@ -89,10 +89,7 @@ def setup(rule: RuleSpec, model: Any) -> State:
     A torch ``nn.Module`` is set up as its named-parameter dict
     (``optstate.interop.torch.parameters``): a Parameter under two names is one parameter.
     """
-    if _arrays.is_torch_module(model):
-        from .interop.torch import parameters
-
-        model = parameters(model)
+    model = _models.positions(model)  # a module as its named parameters
     with _collection_deferred():
         return _setup(rule, model)
 
@@ -125,7 +122,7 @@ def _setup(rule: RuleSpec, model: Any) -> State:
         if why is not None:
             raise TypeError(f"{path_strings(model)[pos]} is {why}")
     slots, params = find_ties(leaves, lambda: path_strings(model))
-    per_position = _rules_per_position(rule, model, [s is not None for s in slots])
+    per_position = rules_per_position(rule, model, [s is not None for s in slots])
     per_param = _assign(per_position, params, lambda: path_strings(model))
     groups, param_rules, param_variants = _grouped(per_param)
     _warn_split(groups, param_rules, params, lambda: path_strings(model))
@@ -247,7 +244,7 @@ def _not_a_rule(spec: Any) -> TypeError:
     )
 
 
-def _rules_per_position(spec: Any, model: Any, trainable: list[bool]) -> list[Rule | None]:
+def rules_per_position(spec: Any, model: Any, trainable: list[bool]) -> list[Rule | None]:
     if isinstance(spec, Rule):
         return [spec] * len(trainable)
     if isinstance(spec, type):

@@ -185,3 +185,14 @@ class State:
         frozen = sum(self.plan.frozen)
         extra = f", {frozen} frozen" if frozen else ""
         return f"State({rules}; {n} parameters, {self.plan.n_ties} tied{extra})"
+
+
+def plan_of(state: Any, call: str) -> Plan:
+    """The tie plan of ``state``, or a TypeError naming the call (``call``, such as
+    ``"update(state, model, grads)"``) when ``state`` is not a ``State``."""
+    if not isinstance(state, State):
+        raise TypeError(
+            f"expected the State returned by optstate.setup, got {type(state).__name__}; "
+            f"the call is {call}"
+        )
+    return state.plan

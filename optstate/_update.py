@@ -8,19 +8,16 @@ or written, so a bad call leaves state and model as they were.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import _apply, _arrays
-from ._errors import StructureError, TieError
-from ._state import Plan, State
-from ._ties import Slot, orientation, overlapping_pairs
-from ._transpose import Transpose
-from ._walk import flatten, gather, path_string, path_strings, unwrap, wrap
+from . import _apply, _arrays, _models, _positions
+from ._errors import StructureError
+from ._state import Plan, State, plan_of
+from ._walk import flatten, gather, path_string, unwrap
 from .rules._contract import increment
 
 
@@ -88,11 +85,10 @@ def update(state: State, model: Any, grads: Any, *, donate: bool = False) -> tup
         TypeError: ``state`` is not a ``State``; a gradient is not an array, or holds booleans,
             strings or objects.
     """
-    if _arrays.is_torch_module(model):
-        from .interop.torch import update_module
-
-        return update_module(state, model, grads, in_place=False)
-    return _step(state, model, grads, in_place=False, donate=donate)
+    kind = _models.model_kind(model)
+    if kind is not None:
+        return kind.update(state, model, grads, False)
+    return step(state, model, grads, in_place=False, donate=donate)
 
 
 def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
@@ -113,11 +109,10 @@ def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     gives whatever memory the gradients share with the parameters and the state (a gradient may
     be another parameter's array), and a step that fails writes nothing, step counts included.
     """
-    if _arrays.is_torch_module(model):
-        from .interop.torch import update_module
-
-        return update_module(state, model, grads, in_place=True)
-    return _step(state, model, grads, in_place=True, donate=False)
+    kind = _models.model_kind(model)
+    if kind is not None:
+        return kind.update(state, model, grads, True)
+    return step(state, model, grads, in_place=True, donate=False)
 
 
 def retie(state: State, model: Any) -> Any:
@@ -152,19 +147,16 @@ def retie(state: State, model: Any) -> Any:
         >>> type(model["w"]).__name__, model["wt"].base is model["w"]
         ('ndarray', True)
     """
-    plan = _plan(_held_state(state))
-    if _arrays.is_torch_module(model):
-        from .interop.torch import parameters
-
-        model = parameters(model)
+    plan = plan_of(_held_state(state), "retie(state, model)")
+    model = _models.positions(model)
     leaves, treedef = flatten(model)
-    _check_structure(plan, treedef, model)
+    _positions.check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
     viewed = {s.param for s in plan.slots if s is not None and s.perm is not None}
     for k in viewed:
         if _arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]):
             bases[k] = np.array(bases[k])  # views are NumPy's: rebuilt on one NumPy array
-    return treedef.unflatten(_place(plan, leaves, bases, changed=[True] * len(bases)))
+    return treedef.unflatten(_positions.place(plan, leaves, bases, changed=[True] * len(bases)))
 
 
 def _held_state(state: Any) -> Any:
@@ -181,38 +173,22 @@ def _held_state(state: Any) -> Any:
     return held[0] if len(plans) == 1 else state
 
 
-def _plan(state: Any) -> Plan:
-    if not isinstance(state, State):
-        raise TypeError(
-            f"expected the State returned by optstate.setup, got {type(state).__name__}; "
-            "the call is update(state, model, grads)"
-        )
-    return state.plan
-
-
-def _step(
+def step(
     state: State, model: Any, grads: Any, *, in_place: bool, donate: bool
 ) -> tuple[State, Any]:
-    plan = _plan(state)
+    """``update`` (or with ``in_place``, ``update_``) of a model that is a pytree of arrays: the
+    step every model kind comes down to."""
+    plan = plan_of(state, "update(state, model, grads)")
     leaves, treedef = flatten(model)
-    _check_structure(plan, treedef, model)
+    _positions.check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
     verified = _returned_with(state, leaves)
     # The very arrays of the last step: only what can change in place in them is checked again.
-    if not verified or not _unchanged(plan, leaves, bases):
-        _check_model(plan, leaves, bases, model)
-    grads = _structural(grads, model)
-    torch_model = any(_arrays.is_torch(b) for b in bases)
-    if torch_model:
-        from .interop.torch import named_grads  # only imported once torch is
-
-        grads = named_grads(model, grads)  # a name left out of a named dict: no gradient
-    per_position = gather(plan.treedef, model, grads)
-    if torch_model:
-        from .interop.torch import checked_gradients  # only imported once torch is
-
-        per_position = checked_gradients(plan, bases, per_position, model)
-    layout, given = _layout(plan, bases, per_position, model)
+    if not verified or not _positions.unchanged(plan, leaves, bases):
+        _positions.check_model(plan, leaves, bases, model)
+    grads = _models.prepare_gradients(bases, model, _models.structural(grads, model))
+    per_position = _models.check_gradients(plan, bases, gather(plan.treedef, model, grads), model)
+    layout, given = _positions.layout(plan, bases, per_position, model)
 
     active = _apply.active_params(plan, layout)
     new_bases = list(bases)
@@ -230,33 +206,9 @@ def _step(
         active_bases = [bases[k] for k in active]
         if compiled:
             run = _apply.donating_step if donate else _apply.compiled_step
-            # The compiled step's outputs are strongly typed, and committed to the parameters'
-            # devices if any input is: inputs that are not yet (weak types, a count created
-            # without a device beside committed parameters, or the other way round) are made so,
-            # or the second step would compile again.
-            # A weakly typed gradient (a weakly typed parameter's, on the first step) would make
-            # the next step, whose gradient is strongly typed, compile again.
-            if any(getattr(g, "weak_type", False) for g in given):
-                given = [_arrays.strong(g) for g in given]
-            if not verified:
-                inputs = [
-                    *active_bases,
-                    *jax.tree_util.tree_leaves(active_states),
-                    *jax.tree_util.tree_leaves(clocks),
-                    step_count,
-                ]
-                committed = any(getattr(x, "committed", False) for x in [*inputs, *given])
-                if any(_arrays.unsettled(x, committed) for x in inputs):
-                    active_states = [
-                        jax.tree_util.tree_map(lambda x, b=b: _arrays.settled(x, b, committed), s)
-                        for s, b in zip(active_states, active_bases, strict=True)
-                    ]
-                    first = active_bases[0]
-                    step_count = _arrays.settled(step_count, first, committed)
-                    clocks = jax.tree_util.tree_map(
-                        lambda x: _arrays.settled(x, first, committed), clocks
-                    )
-                    active_bases = [_arrays.settled(b, b, committed) for b in active_bases]
+            given, active_states, active_bases, step_count, clocks = _settled(
+                given, active_states, active_bases, step_count, clocks, verified
+            )
         try:
             # Non-finite numbers flow through a step as they do in JAX and PyTorch, silently
             # (``SkipNonFinite`` discards such steps): NumPy is not to warn about them either.
@@ -277,6 +229,21 @@ def _step(
         for k, rule_state, new in zip(active, stepped_states, stepped, strict=True):
             new_states[k], new_bases[k] = rule_state, new
 
+    changed = _write_back(active, bases, new_bases, in_place)
+    new_leaves = _positions.place(plan, leaves, new_bases, changed)
+    new_state = State(new_states, state.hyper, new_clocks, count, plan)
+    if compiled and len(active) == _apply.n_trained(plan):  # every array came out of the step
+        new_state._verified = _references(new_leaves)
+    elif in_place and not compiled and not any(changed):  # the model's own arrays, checked
+        new_state._verified = _references(new_leaves, mutable=True)
+    return new_state, treedef.unflatten(new_leaves)
+
+
+def _write_back(
+    active: list[int], bases: list[Any], new_bases: list[Any], in_place: bool
+) -> list[bool]:
+    """With ``in_place``, each new value written into its writable array (``new_bases`` then
+    holds the array itself); per parameter, whether its positions need a new array."""
     changed = [False] * len(bases)
     for k in active:
         if new_bases[k] is bases[k]:
@@ -286,39 +253,59 @@ def _step(
             new_bases[k] = bases[k]  # every position already holds the new values
         else:
             changed[k] = True
-    new_leaves = _place(plan, leaves, new_bases, changed)
-    new_state = State(new_states, state.hyper, new_clocks, count, plan)
-    if compiled and len(active) == _apply.n_trained(plan):  # every array came out of the step
-        new_state._verified = _references(new_leaves)
-    elif in_place and not compiled and not any(changed):  # the model's own arrays, checked
-        new_state._verified = _references(new_leaves, mutable=True)
-    return new_state, treedef.unflatten(new_leaves)
+    return changed
+
+
+def _settled(
+    given: list[Any],
+    states: list[Any],
+    bases: list[Any],
+    step_count: Any,
+    clocks: Any,
+    verified: bool,
+) -> tuple[list[Any], list[Any], list[Any], Any, Any]:
+    """The inputs of a compiled step, typed and placed as its outputs will be.
+
+    The compiled step's outputs are strongly typed, and committed to the parameters' devices if
+    any input is: inputs that are not yet (weak types, a count created without a device beside
+    committed parameters, or the other way round) are made so, or the second step would compile
+    again. A weakly typed gradient (a weakly typed parameter's, on the first step) would make the
+    next step, whose gradient is strongly typed, compile again. Arrays that a compiled step
+    returned (``verified``) are settled already.
+    """
+    if any(getattr(g, "weak_type", False) for g in given):
+        given = [_arrays.strong(g) for g in given]
+    if verified:
+        return given, states, bases, step_count, clocks
+    inputs = [
+        *bases,
+        *jax.tree_util.tree_leaves(states),
+        *jax.tree_util.tree_leaves(clocks),
+        step_count,
+    ]
+    committed = any(getattr(x, "committed", False) for x in [*inputs, *given])
+    if not any(_arrays.unsettled(x, committed) for x in inputs):
+        return given, states, bases, step_count, clocks
+    states = [
+        jax.tree_util.tree_map(lambda x, b=b: _arrays.settled(x, b, committed), s)
+        for s, b in zip(states, bases, strict=True)
+    ]
+    first = bases[0]
+    step_count = _arrays.settled(step_count, first, committed)
+    clocks = jax.tree_util.tree_map(lambda x: _arrays.settled(x, first, committed), clocks)
+    bases = [_arrays.settled(b, b, committed) for b in bases]
+    return given, states, bases, step_count, clocks
 
 
 def _references(leaves: list[Any], *, mutable: bool = False) -> tuple[Any, ...] | None:
     """Weak references to ``leaves`` if they are all JAX arrays (see ``State._verified``), or
-    with ``mutable``, all NumPy arrays and torch tensors (which ``_unchanged`` checks again)."""
+    with ``mutable``, all NumPy arrays and torch tensors (which ``unchanged`` checks again)."""
     if mutable:
         if not all(_arrays.has_layout(x) for x in leaves):
             return None
     elif not all(_arrays.is_jax(x) and not _arrays.is_tracer(x) for x in leaves):
         return None
     return tuple(weakref.ref(x) for x in leaves)
-
-
-def _unchanged(plan: Plan, leaves: list[Any], bases: list[Any]) -> bool:
-    """The arrays of a model that ``update_`` returned, checked for what can change in place in
-    a NumPy array or torch tensor: shape, dtype and device (``module.half()`` and ``.data = ...``
-    keep the object), and the views that make ties. JAX arrays are immutable: always true."""
-    for param, base in zip(plan.params, bases, strict=True):
-        if base.dtype != param.dtype or base.shape != param.shape or _arrays.unusable(base):
-            return False
-    return all(
-        not _arrays.is_trainable(x)  # (an integer tensor given a float .data is one now)
-        if slot is None
-        else slot.perm is None or _arrays.same_view(bases[slot.param], x, slot.perm)
-        for slot, x in zip(plan.slots, leaves, strict=True)
-    )
 
 
 def _returned_with(state: State, leaves: list[Any]) -> bool:
@@ -329,114 +316,6 @@ def _returned_with(state: State, leaves: list[Any]) -> bool:
         and len(refs) == len(leaves)
         and all(ref() is x for ref, x in zip(refs, leaves, strict=True))
     )
-
-
-def _structural(grads: Any, model: Any) -> Any:
-    """A ``Grads`` of the implicit bridge (totals keyed by array) as a structural gradient."""
-    from .implicit import Grads  # the bridge is built on this module, not the other way round
-
-    return grads.to_tree(model) if isinstance(grads, Grads) else grads
-
-
-def _place(plan: Plan, leaves: list[Any], bases: list[Any], changed: list[bool]) -> list[Any]:
-    """Every position's new leaf: the parameter's new array, oriented and wrapped as before."""
-    out = list(leaves)
-    views: dict[tuple[int, Any], Any] = {}
-    for pos, slot in enumerate(plan.slots):
-        if slot is None or not changed[slot.param]:
-            continue
-        key = (slot.param, slot.perm)
-        view = views.get(key)
-        if view is None:
-            view = views[key] = _arrays.permute(bases[slot.param], slot.perm)
-        out[pos] = wrap(view, slot.depth)
-    return out
-
-
-# -- checks ------------------------------------------------------------------------------------
-
-
-def _check_structure(plan: Plan, treedef: Any, model: Any) -> None:
-    if treedef == plan.treedef:
-        return
-    expected = path_strings(plan.treedef.unflatten([0] * plan.treedef.num_leaves))
-    actual = path_strings(model)
-    missing = sorted(set(expected) - set(actual))
-    extra = sorted(set(actual) - set(expected))
-    detail = ""
-    if missing:
-        detail += f"; positions missing from the model: {', '.join(missing[:5])}"
-    if extra:
-        detail += f"; positions the state does not know: {', '.join(extra[:5])}"
-    raise StructureError(
-        "the model does not have the structure the state was set up for (a state set up for a "
-        f"different model?){detail}. Expected {plan.treedef}, got {treedef}"
-    )
-
-
-def _check_model(plan: Plan, leaves: list[Any], bases: list[Any], model: Any) -> None:
-    """The model still has the parameters and ties the state was set up for."""
-
-    def name(pos: int) -> str:  # paths cost a walk over the model: only for a message
-        return path_string(model, pos)
-
-    for param, base in zip(plan.params, bases, strict=True):
-        if not _arrays.is_trainable(base):
-            raise ValueError(
-                f"{name(param.primary)} was a parameter at setup but is now {_describe(base)}; "
-                "a state set up for a different model?"
-            )
-        why = _arrays.unusable(base)
-        if why is not None:
-            raise TypeError(f"{name(param.primary)} is {why}")
-        if base.dtype != param.dtype or tuple(base.shape) != param.shape:
-            raise ValueError(
-                f"{name(param.primary)} changed since setup: the state is for "
-                f"{param.dtype}{list(param.shape)}, the model holds {_describe(base)} "
-                "(a state set up for a different model?)"
-            )
-    owner: dict[int, int] = {}  # id(base array) -> the parameter it belongs to
-    for pos, slot in enumerate(plan.slots):
-        x, depth = unwrap(leaves[pos])
-        if slot is None:
-            if _arrays.is_trainable(x):
-                raise ValueError(
-                    f"{name(pos)} holds a parameter ({_describe(x)}) that was not there at "
-                    "setup; call setup again"
-                )
-            continue
-        if depth != slot.depth:
-            raise ValueError(
-                f"{name(pos)} had {slot.depth} Transpose layer(s) at setup, now {depth}"
-            )
-        base = bases[slot.param]
-        if _arrays.is_tracer(base):
-            continue  # under jit identity means nothing: the plan stands for the ties
-        primary = plan.params[slot.param].primary
-        if pos == primary:
-            first = owner.setdefault(id(base), slot.param)
-            if first != slot.param:
-                raise TieError(
-                    f"{name(pos)} and {name(plan.params[first].primary)} hold the same array "
-                    "now, but were separate parameters at setup; call setup again to train "
-                    "them as one"
-                )
-        elif not (x is base or _arrays.same_view(base, x, slot.perm)):
-            raise TieError(
-                f"the tie between {name(primary)} and {name(pos)} is broken: they held one "
-                "parameter at setup but now hold different arrays. After a step under jax.jit "
-                "(which returns a separate array per position) call "
-                "optstate.retie(state, model), or compile the step with optstate.jit, which "
-                "returns a tied weight as one array; to untie on purpose, call setup again"
-            )
-    if any(_arrays.is_view(b) for b in bases):  # only views overlap
-        for i, j in overlapping_pairs(bases):
-            if _arrays.shares_memory(bases[i], bases[j]):
-                raise TieError(
-                    f"{name(plan.params[i].primary)} and {name(plan.params[j].primary)} share "
-                    "memory now, but were separate parameters at setup; call setup again to "
-                    "train a view and its array as one, or pass a copy"
-                )
 
 
 def _check_state(plan: Plan, state: State, bases: list[Any], model: Any, err: Exception) -> None:
@@ -465,16 +344,7 @@ def _check_state(plan: Plan, state: State, bases: list[Any], model: Any, err: Ex
         )
         return repr(shapes).replace("'", "")
 
-    for k, base in enumerate(bases):  # a tensor state left behind when the model moved
-        if not _arrays.is_torch(base) or k >= len(state.states):
-            continue
-        for x in jax.tree_util.tree_leaves(state.states[k]):
-            if _arrays.is_torch(x) and x.ndim and x.device != base.device:
-                raise ValueError(
-                    f"the state of {path_string(model, plan.params[k].primary)} holds a tensor "
-                    f"on {x.device}, but the parameter is on {base.device}; the state's tensors "
-                    "live on their parameter's device: call setup again after moving the model"
-                ) from err
+    _check_state_devices(plan, state, bases, model, err)
     for r, rule in enumerate(plan.rules):
         variants = state.hyper[r] if r < len(state.hyper) else None
         wrong = (
@@ -508,97 +378,17 @@ def _check_state(plan: Plan, state: State, bases: list[Any], model: Any, err: Ex
             ) from err
 
 
-def _describe(x: Any) -> str:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{type(x).__name__} {x.dtype}{list(x.shape)}"
-    return f"{type(x).__name__} {x!r}"
-
-
-def _layout(
-    plan: Plan, bases: list[Any], per_position: list[Any], model: Any
-) -> tuple[_apply.Layout, list[Any]]:
-    """Which positions carry a gradient to use, in what orientation, and those gradients."""
-    layout: list[Any] = [_apply.ABSENT] * len(per_position)
-    given = []
-    for pos, slot in enumerate(plan.slots):
-        g = per_position[pos]
-        if slot is None or g is None:
+def _check_state_devices(
+    plan: Plan, state: State, bases: list[Any], model: Any, err: Exception
+) -> None:
+    """A tensor state left behind on another device when the model moved."""
+    for k, base in enumerate(bases):
+        if not _arrays.is_torch(base) or k >= len(state.states):
             continue
-        k = slot.param
-        if plan.frozen[k] or plan.param_rules[k] < 0:
-            continue
-        base = bases[k]
-        if (
-            not slot.depth
-            and slot.perm is None
-            and getattr(g, "dtype", None) == base.dtype
-            and getattr(g, "shape", None) == base.shape
-            and not isinstance(g, Transpose | np.matrix)
-        ):  # the common case, an array just like its parameter: every check of _oriented holds
-            layout[pos] = None
-            given.append(g)
-            continue
-        oriented = _oriented(slot, base, g, pos, model)
-        if oriented is not None:
-            layout[pos], g = oriented
-            given.append(g)
-    return tuple(layout), given
-
-
-def _oriented(slot: Slot, base: Any, g: Any, pos: int, model: Any) -> tuple[Any, Any] | None:
-    """A position's gradient as an array, checked, and its orientation relative to the base."""
-    remaining = slot.depth
-    while remaining and isinstance(g, Transpose):
-        g, remaining = g.parent, remaining - 1
-    if g is None:
-        return None
-
-    def fail(message: str, error: type[Exception] = ValueError) -> Exception:
-        return error(message.format(path=path_string(model, pos, "grads")))
-
-    if isinstance(g, Transpose):
-        raise fail(
-            "the gradient at {path} is a Transpose, but the model holds no Transpose "
-            "there; give a plain array"
-        )
-    if isinstance(g, np.matrix):  # (scipy.sparse's todense()): its * would be a matrix product
-        g = np.asarray(g)
-    if not hasattr(g, "shape"):
-        if not isinstance(g, numbers.Number | list | tuple):
-            raise fail(
-                f"the gradient at {{path}} must be an array (or None), got {type(g).__name__}",
-                TypeError,
-            )
-        # Under jax.jit a list's numbers arrive as traced scalars, which NumPy cannot hold.
-        traced = any(_arrays.is_jax(x) for x in jax.tree_util.tree_leaves(g))
-        try:
-            g = jax.numpy.asarray(g) if traced else np.asarray(g)
-        except (ValueError, TypeError) as err:  # a ragged list
-            reason = str(err).replace("{", "{{").replace("}", "}}")
-            raise fail("the gradient at {path} is not a rectangular array: " + reason) from None
-    if _arrays.has_dtype(g) and not _arrays.is_numeric(g.dtype):
-        dtype = str(g.dtype).replace("{", "{{").replace("}", "}}")
-        raise fail(
-            f"the gradient at {{path}} has dtype {dtype}; a gradient holds numbers (floating, "
-            "integer or complex), not booleans, strings or objects",
-            TypeError,
-        )
-    if _arrays.is_complex(g) and not _arrays.is_complex(base):
-        raise fail(
-            f"the gradient at {{path}} is complex ({g.dtype}) but the parameter is real "
-            f"({base.dtype})"
-        )
-    orient = orientation(slot, base.ndim, remaining)
-    expected = tuple(base.shape) if orient is None else tuple(base.shape[a] for a in orient)
-    if tuple(g.shape) != expected:
-        hint = ""
-        if remaining and tuple(g.shape) == tuple(base.shape):
-            hint = (
-                " (a dense gradient at a Transpose position is in the transposed orientation; "
-                "wrap one in the parent's orientation as optstate.Transpose(g))"
-            )
-        raise fail(
-            f"the gradient at {{path}} has shape {tuple(g.shape)}, expected {expected}"
-            f"{' (the transpose of the parameter)' if remaining else ''}{hint}"
-        )
-    return orient, g
+        for x in jax.tree_util.tree_leaves(state.states[k]):
+            if _arrays.is_torch(x) and x.ndim and x.device != base.device:
+                raise ValueError(
+                    f"the state of {path_string(model, plan.params[k].primary)} holds a tensor "
+                    f"on {x.device}, but the parameter is on {base.device}; the state's tensors "
+                    "live on their parameter's device: call setup again after moving the model"
+                ) from err

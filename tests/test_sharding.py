@@ -224,7 +224,8 @@ def sharded_facts() -> dict[str, Any]:
 
 
 SUBPROCESS = f"""
-import importlib.util, json
+import importlib.util, json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})  # the tests' shared modules
 spec = importlib.util.spec_from_file_location("test_sharding", {str(Path(__file__))!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)

@@ -9,10 +9,10 @@ from typing import Any
 
 import jax
 
-from .. import _arrays
+from .. import _arrays, _models
+from .._positions import check_model, check_structure, place
 from .._state import Plan, State
 from .._transpose import is_transpose
-from .._update import _check_model, _check_structure, _place
 from .._walk import flatten, unwrap
 from ..schedules import Schedule
 from ._archive import Reader, open_checkpoint
@@ -325,12 +325,9 @@ def _model(reader: Reader, record: Json, plan: Plan, like_model: Any, kind: Kind
     names = reader.meta["plan"]["positions"]
     like_leaves: list[Any] | None = None
     if like_model is not _MISSING:
-        if _arrays.is_torch_module(like_model):
-            from ..interop.torch import parameters  # torch is imported: a module was given
-
-            like_model = parameters(like_model)
+        like_model = _models.positions(like_model)  # a module as its named parameters
         like_leaves, like_def = flatten(like_model)
-        _check_structure(plan, like_def, like_model)
+        check_structure(plan, like_def, like_model)
     if len(record["leaves"]) != len(plan.slots):
         raise CheckpointError(f"{reader.path}: the model does not have its recorded leaves")
     bases = [
@@ -404,10 +401,10 @@ def _leaf(reader: Reader, entry: Json, like_leaf: Any, where: str, kind: Kind) -
 
 def _rebuild(reader: Reader, plan: Plan, bases: list[Any], leaves: list[Read]) -> Any:
     """The model: its other leaves read, each parameter's one array placed at its positions."""
-    new_leaves = _place(plan, [leaf(reader) for leaf in leaves], bases, [True] * len(bases))
+    new_leaves = place(plan, [leaf(reader) for leaf in leaves], bases, [True] * len(bases))
     model = plan.treedef.unflatten(new_leaves)
     try:
-        _check_model(plan, new_leaves, bases, model)
+        check_model(plan, new_leaves, bases, model)
     except ValueError as err:
         raise CheckpointError(f"{reader.path}: the model does not fit its tie plan: {err}") from err
     return model

@@ -12,9 +12,9 @@ from typing import IO, Any
 import jax
 import numpy as np
 
-from .. import _arrays
+from .. import _arrays, _models
+from .._positions import check_model, check_structure
 from .._state import Plan, State
-from .._update import _check_model, _check_structure
 from .._walk import flatten, path_strings, unwrap
 from ._archive import atomic_write, meta_bound, write_array
 from ._codec import FORMAT, META, VERSION, Json, record
@@ -81,14 +81,11 @@ def _param_path(plan: Plan, k: int, names: list[str]) -> str:
 def _model_meta(plan: Plan, model: Any, entries: _Entries) -> Json:
     """The model's record, once it is checked against the plan: one array per parameter, and its
     other leaves."""
-    if _arrays.is_torch_module(model):
-        from ..interop.torch import parameters  # torch is imported: a module was given
-
-        model = parameters(model)
+    model = _models.positions(model)  # a module as its named parameters
     leaves, treedef = flatten(model)
-    _check_structure(plan, treedef, model)
+    check_structure(plan, treedef, model)
     bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
-    _check_model(plan, leaves, bases, model)
+    check_model(plan, leaves, bases, model)
     names = path_strings(model)
     return {
         "params": [entries.add(_param_path(plan, k, names), b) for k, b in enumerate(bases)],

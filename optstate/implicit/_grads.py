@@ -10,8 +10,9 @@ import jax
 import numpy as np
 
 from .. import _arrays
+from .._models import GradientForm, register
+from .._positions import oriented
 from .._ties import Slot, orientation
-from .._update import _oriented
 from .._walk import flatten, gather, path_strings, wrap
 from ._params import Params, params
 
@@ -199,10 +200,10 @@ class Grads:
                 i = at.get(p.path) if p.in_pytree else None
                 if i is None or per_position[i] is None:
                     continue
-                oriented = _oriented(Slot(*p.hit), base, per_position[i], i, model)
-                if oriented is None:
+                read = oriented(Slot(*p.hit), base, per_position[i], i, model)
+                if read is None:
                     continue
-                axes, g = oriented
+                axes, g = read
                 g = _arrays.coerce(_arrays.permute(g, _arrays.inverse(axes)), base)
                 total = g if total is None else total + g
             totals.append(_zeros_like(base) if total is None else total)
@@ -211,3 +212,6 @@ class Grads:
 
 def _zeros_like(x: Any) -> Any:
     return np.zeros_like(x) if _arrays.is_numpy(x) else jax.numpy.zeros_like(x)
+
+
+register(GradientForm("optstate.implicit.Grads", lambda g: isinstance(g, Grads), Grads.to_tree))

@@ -24,7 +24,7 @@ import numpy as np
 import optax  # type: ignore[import-untyped]
 
 from .. import _arrays
-from .._setup import RuleSpec, _rules_per_position, setup
+from .._setup import RuleSpec, rules_per_position, setup
 from .._state import State
 from .._update import retie, update
 from .._walk import flatten
@@ -306,7 +306,7 @@ class _Live:
         spec = self.spec
         if isinstance(spec, Rule):
             return lambda k: spec
-        per_position = _rules_per_position(spec, params, [s is not None for s in plan.slots])
+        per_position = rules_per_position(spec, params, [s is not None for s in plan.slots])
         return lambda k: per_position[plan.params[k].primary]
 
 

@@ -57,7 +57,7 @@ from .. import _arrays
 from .._errors import StructureError
 from .._state import Plan, State
 from .._ties import find_ties
-from .._update import _step
+from .._update import step
 from .._walk import flatten, path_string, path_strings, unwrap, wrap
 
 __all__ = ["grad_totals", "parameters"]
@@ -196,9 +196,9 @@ def update_module(
                     "which cannot be written outside inference mode; update_ writes into the "
                     "module's Parameters"
                 )
-        state, _ = _step(state, params, by_name, in_place=True, donate=False)
+        state, _ = step(state, params, by_name, in_place=True, donate=False)
         return state, module
-    return _step(state, params, by_name, in_place=False, donate=False)
+    return step(state, params, by_name, in_place=False, donate=False)
 
 
 def _by_name(
