@@ -9,6 +9,7 @@ or written, so a bad call leaves state and model as they were.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -240,7 +241,7 @@ def step(
 
 
 def _write_back(
-    active: list[int], bases: list[Any], new_bases: list[Any], in_place: bool
+    active: Sequence[int], bases: list[Any], new_bases: list[Any], in_place: bool
 ) -> list[bool]:
     """With ``in_place``, each new value written into its writable array (``new_bases`` then
     holds the array itself); per parameter, whether its positions need a new array."""
