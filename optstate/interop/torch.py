@@ -1,4 +1,8 @@
-"""PyTorch: ``nn.Module`` models, and the two ways PyTorch hands out gradients.
+"""PyTorch: ``nn.Module`` models, the two ways PyTorch hands out gradients, and ``Optimizer``.
+
+``Optimizer(module, rule)`` is a ``torch.optim.Optimizer`` for the usual loop (``zero_grad``,
+``backward``, ``step``, learning-rate schedulers, ``state_dict``); it is defined in
+``_torch_optimizer`` and steps with what this module provides.
 
 optstate trains torch tensors as it trains NumPy and JAX arrays: the same rules, through the
 tensors' array-API namespace, eagerly and outside autograd (``torch.no_grad()``), each result on
@@ -59,8 +63,9 @@ from .._state import Plan, State
 from .._ties import find_ties
 from .._update import _step
 from .._walk import flatten, path_string, path_strings, unwrap, wrap
+from ._torch_optimizer import Optimizer as Optimizer
 
-__all__ = ["grad_totals", "parameters"]
+__all__ = ["Optimizer", "grad_totals", "parameters"]
 
 
 def parameters(module: nn.Module) -> dict[str, torch.Tensor]:

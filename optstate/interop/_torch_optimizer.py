@@ -1,0 +1,497 @@
+"""``Optimizer``: optstate as a ``torch.optim.Optimizer``, for the training loop torch users have.
+
+The optimiser holds an optstate ``State`` for a module (or a tree of tensors) and steps it with
+``update_`` on the ``.grad`` totals. Everything torch's own machinery reads is mirrored in
+``param_groups``: one group per set of hyper-parameter values of the state (a rule group's
+variant), holding the unique Parameters that use it and the hyper-parameters under the rules'
+names, which are torch's (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``...). A value
+written there (by a learning-rate scheduler or by hand) reaches the state through ``adjust`` at
+the next ``step``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import torch
+from torch import nn
+
+from .._errors import CheckpointMismatchError
+from .._setup import setup
+from .._state import State
+from .._update import update_
+from .._walk import flatten, path_strings, position_keys, skeleton, unwrap
+from ..adjust import adjust, hyperparams
+from ..rules._base import Rule
+from ..schedules import Schedule
+
+__all__ = ["Optimizer"]
+
+_FORMAT = "optstate.interop.torch.Optimizer/1"
+
+
+class Optimizer(torch.optim.Optimizer):
+    """An optstate rule as a ``torch.optim.Optimizer``: ``Optimizer(module_or_params, rule)``.
+
+    ``module_or_params`` is an ``nn.Module`` (trained as its named-parameter dict, ties by
+    Parameter identity) or a tree of tensors such as ``{"embed": W, "unembed": W.t()}`` (ties
+    also by views, a transposed tie included). ``rule`` is a rule, or a function of a
+    parameter's path giving its rule (``None`` for no training), as ``optstate.setup`` takes it.
+
+    The loop is torch's: ``opt.zero_grad()``, ``loss.backward()``, ``opt.step()``. ``step``
+    reads each Parameter's ``.grad`` (autograd's total over every use, so a tied Parameter is
+    counted once) and applies ``update_``: the Parameters are written in place, stay the same
+    objects and stay tied. ``step(closure)`` calls ``closure`` with gradients enabled first and
+    returns its loss, as ``torch.optim`` does.
+
+    ``param_groups`` has one group per set of hyper-parameter values: with one rule, one group;
+    with a rule per path, one group per distinct rule. A group holds its unique Parameters
+    (``params``; ``param_names`` has the path of each, ``"emb.weight"`` or ``"dec/w"``) and the
+    hyper-parameters by name;
+    of a chain, every member's names (a name two members share shows the first member's value,
+    and a value written to it goes to both, as ``adjust`` does). A value changed there, by hand
+    or by any ``torch.optim.lr_scheduler``, is checked and applied with ``optstate.adjust`` at
+    the next ``step`` (no recompilation, no new state). A hyper-parameter that is an optstate
+    schedule shows its value for the next step and follows the schedule until it is
+    overwritten.
+
+    ``state_dict()`` holds tensors and plain Python values only (``torch.load(...,
+    weights_only=True)`` reads it back); ``load_state_dict`` restores it into an ``Optimizer``
+    made for the same model and rules, so that the run continues exactly. Its ``"state"``
+    holds the live state tensors, as ``torch.optim``'s does: save it (``torch.save``) or copy it
+    before stepping on. ``ost_state`` is the optstate ``State`` itself (for ``ost.hyperparams``,
+    ``ost.save``...); ``state`` is a read-only view of it by Parameter, as in ``torch.optim``.
+
+    Example:
+        >>> import torch, optstate as ost
+        >>> from optstate.interop.torch import Optimizer
+        >>> lm = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 4, bias=False))
+        >>> lm[1].weight = lm[0].weight                  # tied input and output embedding
+        >>> opt = Optimizer(lm, ost.Lion(1e-3))
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        >>> lm(torch.tensor([0, 3])).logsumexp(-1).sum().backward()
+        >>> opt.step(); sched.step()
+        >>> opt.param_groups[0]["lr"], lm[1].weight is lm[0].weight
+        (0.0005, True)
+
+    Raises:
+        TypeError: ``module_or_params`` is neither a module nor a tree holding tensors (an
+            iterator such as ``model.parameters()`` has no names: pass the module).
+        ValueError: a parameter that is a view of a tensor outside the model; in ``step``, a
+            hyper-parameter written to a group that its rule refuses (a negative ``lr``...),
+            or groups added or removed by hand; nothing is changed.
+    """
+
+    def __init__(self, module_or_params: Any, rule: Rule | Callable[..., Any]) -> None:
+        self._built = False
+        self._model = _model(module_or_params)
+        tree = (
+            dict(self._model.named_parameters(remove_duplicate=False))
+            if isinstance(self._model, nn.Module)
+            else self._model
+        )
+        state = setup(rule, self._model)
+        plan = state.plan
+        leaves, _ = flatten(tree)
+        names = path_strings(tree)
+        keys = position_keys(skeleton(plan.treedef))
+        values = hyperparams(state)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, (r, v) in enumerate(zip(plan.param_rules, plan.param_variants, strict=True)):
+            if r >= 0:
+                groups.setdefault((r, v), []).append(k)
+        if not groups:
+            raise ValueError("the rule gives no parameter of the model a rule: nothing to train")
+        param_groups: list[dict[str, Any]] = []
+        self._members: list[list[int]] = []  # per group: its parameters (indices into the plan)
+        self._paths: list[frozenset[tuple[Any, ...]]] = []  # per group: its positions' paths
+        self._shown: list[dict[str, Any]] = []  # per group: the values the state holds
+        self._scheduled: list[set[str]] = []  # per group: names whose value is a schedule
+        for (r, v), members in groups.items():
+            primary = plan.params[members[0]].primary
+            shown = _flat(values["/".join(str(key) for key in keys[primary])])
+            raw = _flat(state.hyper[r][v])
+            tensors = [_leaf_tensor(plan.params[k].positions, leaves, names) for k in members]
+            positions = [pos for k in members for pos in plan.params[k].positions]
+            param_groups.append({"params": tensors, **shown})
+            self._members.append(members)
+            self._paths.append(frozenset(keys[pos] for pos in positions))
+            self._shown.append(dict(shown))
+            self._scheduled.append({n for n, x in raw.items() if _is_schedule(x)})
+        self._state = state
+        self._names = names
+        self._rules = [repr(r) for r in plan.rules]
+        super().__init__(param_groups, {})
+        for group, members in zip(self.param_groups, self._members, strict=True):
+            group["param_names"] = [
+                "/".join(str(key) for key in keys[plan.params[k].primary]) for k in members
+            ]
+        # What a group added after construction would get (torch's meaning of ``defaults``).
+        self.defaults = dict(self._shown[0])
+        self._built = True
+
+    # -- torch's interface ----------------------------------------------------------------------
+
+    @torch.compiler.disable  # optstate's walk is Python over pytrees: it runs eagerly
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One optimisation step with the ``.grad`` totals; ``closure`` (if given) is called first
+        with gradients enabled, and its loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        from . import torch as bridge
+
+        state, changes = self._adjusted(self._state)
+        state, _ = update_(state, self._model, bridge.grad_totals(self._model))
+        self._commit(state, changes)
+        return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: the groups are the state's, fixed by the model and rule.
+        To train more Parameters, make a new ``Optimizer`` for the module."""
+        if not self._built:
+            super().add_param_group(param_group)
+            return
+        raise ValueError(
+            "optstate.interop.torch.Optimizer cannot take a param group after it is made: its "
+            f"groups are the {len(self.param_groups)} of its optstate state, which was set up "
+            "once for the whole model and rule (ties and per-path rules found there). Give the "
+            "rule for these Parameters when making the Optimizer (a function of the path), or "
+            "make a new Optimizer for the module; nothing was changed"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's state as tensors and plain Python values: ``"state"`` by parameter
+        index (the order of ``param_groups``), each a dict of the rule state's tensors by name
+        (``mu``, ``nu``, ``count``; ``1.mu`` for a chain's second member); ``"param_groups"`` as
+        in ``torch.optim`` (values, and ``params`` as indices); and ``"optstate"`` with the
+        rules, the parameter names, the schedules' clocks and the step count."""
+        state = self._state
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for i, k in enumerate(self._order()):
+            out[i] = dict(_named_leaves(state.states[k]))
+        groups = []
+        first = 0
+        for group in self.param_groups:
+            saved = {key: _plain_copy(value) for key, value in group.items() if key != "params"}
+            saved["params"] = list(range(first, first + len(group["params"])))
+            first += len(group["params"])
+            groups.append(saved)
+        meta = {
+            "format": _FORMAT,
+            "rules": list(self._rules),
+            "names": list(self._names),
+            "scheduled": [sorted(s) for s in self._scheduled],
+            "clocks": jax.tree_util.tree_leaves(state.clocks),
+            "step": state.step,
+        }
+        return {"state": out, "param_groups": groups, "optstate": meta}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict()`` of an ``Optimizer`` made for the same model (names, shapes,
+        dtypes) and rules. Everything is checked before anything changes; the tensors are
+        copied onto the devices of this optimiser's state.
+
+        Raises:
+            CheckpointMismatchError: the state_dict is not one of this class, or is for another
+                model, other rules or other groups; the message names the first difference.
+            ValueError, TypeError: a hyper-parameter value its rule refuses.
+        """
+        meta = _meta(state_dict)
+        if meta["rules"] != self._rules:
+            raise _mismatch(f"is for the rules {meta['rules']}, this optimizer has {self._rules}")
+        if meta["names"] != self._names:
+            saved = list(meta["names"])
+            diff = next(
+                (f"{a} where this model has {b}" for a, b in zip(saved, self._names) if a != b),
+                f"{len(saved)} parameter positions, this model has {len(self._names)}",
+            )
+            raise _mismatch(f"is for another model: it has {diff}")
+        groups = state_dict["param_groups"]
+        order = self._order()
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise _mismatch(
+                f"has {len(groups) if isinstance(groups, list) else groups!r} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        first = 0
+        for g, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
+            expected = list(range(first, first + len(group["params"])))
+            first += len(group["params"])
+            if saved.get("params") != expected:
+                raise _mismatch(
+                    f"param_groups[{g}]['params'] is {saved.get('params')!r}, this optimizer's "
+                    f"is {expected}: the Parameters are grouped differently"
+                )
+        states = list(self._state.states)
+        for i, k in enumerate(order):
+            name = self._names[self._state.plan.params[k].primary]
+            states[k] = _restored(self._state.states[k], state_dict["state"].get(i), i, name)
+        clocks_now, clock_def = jax.tree_util.tree_flatten(self._state.clocks)
+        clocks = [
+            _copied(saved, now, f"state_dict['optstate']['clocks'][{j}]")
+            for j, (saved, now) in enumerate(_same_length(meta["clocks"], clocks_now, "clocks"))
+        ]
+        step = _copied(meta["step"], self._state.step, "state_dict['optstate']['step']")
+        state = self._state.replace(
+            states=tuple(states), clocks=jax.tree_util.tree_unflatten(clock_def, clocks), step=step
+        )
+        scheduled = [set(s) for s in meta["scheduled"]]
+        for g, saved in enumerate(groups):
+            changes = {
+                name: _plain(saved.get(name), f"state_dict['param_groups'][{g}][{name!r}]")
+                for name in self._shown[g]
+                if not (name in scheduled[g] and name in self._scheduled[g])
+            }
+            if changes:
+                state = self._adjust(state, g, changes, "state_dict['param_groups']")
+        # Every check has passed: commit.
+        self._state = state
+        for g, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
+            params = group["params"]
+            group.clear()
+            group.update({key: value for key, value in saved.items() if key != "params"})
+            group["params"] = params
+            self._shown[g] = {name: _plain(group[name], "") for name in self._shown[g]}
+            self._scheduled[g] &= scheduled[g]
+
+    @property
+    def ost_state(self) -> State:
+        """The optstate ``State`` this optimiser steps (read-only: it changes at every step)."""
+        return self._state
+
+    @property  # type: ignore[override]
+    def state(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """The rule state of each Parameter by name (``mu``, ``nu``, ``count``...), made from
+        ``ost_state`` when read; writing into it does not change the optimiser."""
+        out: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        if not hasattr(self, "_state"):
+            return out
+        order = iter(self._order())
+        for group in self.param_groups:
+            for p in group["params"]:
+                out[p] = dict(_named_leaves(self._state.states[next(order)]))
+        return out
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        del value  # torch's __init__ sets an empty dict; the state is optstate's
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "optstate.interop.torch.Optimizer is not pickled; save opt.state_dict() with "
+            "torch.save and restore it with load_state_dict into an Optimizer made for the module"
+        )
+
+    # -- between param_groups and the state ------------------------------------------------------
+
+    def _order(self) -> list[int]:
+        """The plan's parameter indices in ``param_groups`` order (torch's parameter indices)."""
+        return [k for members in self._members for k in members]
+
+    def _adjusted(self, state: State) -> tuple[State, list[dict[str, Any]]]:
+        """``state`` with every value written into ``param_groups`` since the last step applied
+        (pure: a refused value raises before anything changes)."""
+        if len(self.param_groups) != len(self._members):
+            raise ValueError(
+                f"param_groups has {len(self.param_groups)} groups, the optimizer made "
+                f"{len(self._members)}: groups cannot be added or removed (see add_param_group)"
+            )
+        all_changes = []
+        for g, group in enumerate(self.param_groups):
+            changes = {}
+            for name, shown in self._shown[g].items():
+                if name not in group:
+                    raise ValueError(f"param_groups[{g}] lost its {name!r}: put it back")
+                value = _plain(group[name], f"param_groups[{g}][{name!r}]")
+                if value != shown:
+                    changes[name] = value
+            if changes:
+                state = self._adjust(state, g, changes, "param_groups")
+            all_changes.append(changes)
+        return state, all_changes
+
+    def _adjust(self, state: State, g: int, changes: dict[str, Any], where: str) -> State:
+        paths = self._paths[g]
+        try:
+            return adjust(state, lambda path: tuple(path) in paths, **changes)
+        except (ValueError, TypeError) as err:
+            plan = state.plan
+            members = self._members[g]
+            names = ", ".join(self._names[plan.params[k].primary] for k in members[:3])
+            more = " ..." if len(members) > 3 else ""
+            values = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+            raise type(err)(
+                f"{where}[{g}] (the group of {names}{more}) was given {values}, which is "
+                f"refused: {err}. Nothing was changed"
+            ) from None
+
+    def _commit(self, state: State, changes: list[dict[str, Any]]) -> None:
+        """Keep the stepped state; show the values it now holds (schedules moved on)."""
+        self._state = state
+        values: dict[str, Any] | None = None
+        for g, group in enumerate(self.param_groups):
+            self._shown[g].update(changes[g])
+            self._scheduled[g] -= set(changes[g])
+            if not self._scheduled[g]:
+                continue
+            if values is None:
+                values = hyperparams(state)
+            keys = position_keys(skeleton(state.plan.treedef))
+            primary = state.plan.params[self._members[g][0]].primary
+            now = _flat(values["/".join(str(key) for key in keys[primary])])
+            for name in self._scheduled[g]:
+                group[name] = self._shown[g][name] = now[name]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _model(module_or_params: Any) -> Any:
+    if isinstance(module_or_params, nn.Module):
+        return module_or_params
+    if isinstance(module_or_params, torch.Tensor) or isinstance(module_or_params, Iterator):
+        raise TypeError(
+            "Optimizer takes an nn.Module or a tree of tensors (a dict by name, say), got "
+            f"{type(module_or_params).__name__}: optstate finds ties and applies rules by path, "
+            "so it needs the names; pass the module itself rather than model.parameters()"
+        )
+    leaves = jax.tree_util.tree_leaves(module_or_params)
+    if not any(isinstance(x, torch.Tensor) for x in leaves):
+        raise TypeError(
+            "Optimizer takes an nn.Module or a tree of torch tensors; "
+            f"{type(module_or_params).__name__} holds no tensor"
+        )
+    return module_or_params
+
+
+def _leaf_tensor(positions: tuple[int, ...], leaves: list[Any], names: list[str]) -> Any:
+    """The autograd leaf that holds a parameter (its ``.grad`` is the total): the tensor at one
+    of its positions that is a leaf (another position may hold a view of it)."""
+    for pos in positions:
+        x = unwrap(leaves[pos])[0]
+        if isinstance(x, torch.Tensor) and x.is_leaf:
+            return x
+    raise ValueError(
+        f"{names[positions[0]]} is a view of a tensor that is not in the model: autograd keeps "
+        ".grad only for leaf tensors, so put the tensor itself in the model"
+    )
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """A rule's hyper-parameters by name, a chain's members' together (the first of a name)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if _is_group(value):
+                    walk(value)
+                else:
+                    out.setdefault(key, value)
+        elif isinstance(node, tuple | list):
+            for value in node:
+                walk(value)
+
+    walk(tree)
+    return out
+
+
+def _is_group(value: Any) -> bool:
+    """A nested hyper-parameter tree (a member's), rather than a value or a tuple of values."""
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, tuple | list) and any(_is_group(v) for v in value)
+
+
+def _is_schedule(value: Any) -> bool:
+    if isinstance(value, tuple | list):
+        return any(_is_schedule(v) for v in value)
+    return isinstance(value, Schedule)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """A group's value as the state holds it: a float, or a tuple of floats (``betas``)."""
+    if isinstance(value, tuple | list):
+        return tuple(_plain(v, where) for v in value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{where} must be a real number, got {value!r}")
+
+
+def _plain_copy(value: Any) -> Any:
+    """A group's value for a state_dict: tensors cloned, the rest as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_plain_copy(v) for v in value]
+    return value
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """A rule state's arrays by dotted name: ``mu``, ``count``, ``1.mu`` (a chain's member)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(".".join(_key_name(k) for k in path), x) for path, x in flat]
+
+
+def _meta(state_dict: Any) -> dict[str, Any]:
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise _mismatch(
+            f"is not a state_dict at all (a {type(state_dict).__name__} with keys "
+            f"{sorted(map(str, state_dict)) if isinstance(state_dict, Mapping) else '-'})"
+        )
+    meta = state_dict.get("optstate")
+    if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
+        raise _mismatch(
+            "is not one of optstate.interop.torch.Optimizer (it has no 'optstate' entry of "
+            f"format {_FORMAT!r}: a torch.optim optimizer's state_dict, say)"
+        )
+    return dict(meta)
+
+
+def _mismatch(what: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(f"the state_dict {what}; nothing was loaded")
+
+
+def _restored(current: Any, saved: Any, index: int, name: str) -> Any:
+    """The rule state ``current`` with the tensors of ``saved`` (checked, then copied)."""
+    where = f"state_dict['state'][{index}] ({name})"
+    named = _named_leaves(current)
+    if not isinstance(saved, Mapping) or sorted(saved) != sorted(n for n, _ in named):
+        have = sorted(saved) if isinstance(saved, Mapping) else saved
+        raise _mismatch(
+            f"holds {have!r} at {where}; this optimizer's rule keeps {[n for n, _ in named]} "
+            "there (another rule?)"
+        )
+    leaves = [_copied(saved[n], x, f"{where}[{n!r}]") for n, x in named]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(current), leaves)
+
+
+def _copied(saved: Any, like: Any, where: str) -> Any:
+    if not isinstance(saved, torch.Tensor):
+        raise _mismatch(f"holds {type(saved).__name__} at {where}, expected a tensor")
+    if saved.shape != like.shape or saved.dtype != like.dtype:
+        raise _mismatch(
+            f"holds a {saved.dtype} tensor of shape {tuple(saved.shape)} at {where}, expected "
+            f"{like.dtype} of shape {tuple(like.shape)}"
+        )
+    return torch.empty_like(like).copy_(saved)
+
+
+def _same_length(saved: Any, now: list[Any], what: str) -> list[tuple[Any, Any]]:
+    if not isinstance(saved, list) or len(saved) != len(now):
+        raise _mismatch(f"has other {what} than this optimizer's ({len(now)} expected)")
+    return list(zip(saved, now, strict=True))

@@ -1,0 +1,333 @@
+"""``optstate.interop.torch.Optimizer`` against ``torch.optim`` (the oracle: Adam, AdamW, SGD with
+the same scheduler on the same tied module), optax (rules torch lacks), and its own bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler as sched
+
+import optstate as ost
+from optstate.interop.torch import Optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TiedLM(nn.Module):
+    """Embedding, a hidden layer and an output layer that is the embedding: one Parameter under
+    two names (``head.weight`` is ``emb.weight``)."""
+
+    def __init__(self, vocab: int = 11, width: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(torch.tanh(self.mix(self.emb(idx))))
+        return out
+
+
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> TiedLM:
+    torch.manual_seed(seed)
+    return TiedLM().to(dtype)
+
+
+def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + i)
+    return torch.randint(0, 11, (16,), generator=gen), torch.randint(0, 11, (16,), generator=gen)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
+    x, y = batch(i)
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, tol: float) -> None:
+    pa = dict(a.named_parameters(remove_duplicate=False))
+    pb = dict(b.named_parameters(remove_duplicate=False))
+    assert list(pa) == list(pb)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], rtol=tol, atol=tol, msg=name)
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+# Each scheduler as a function of the optimiser; all of them edit only ``lr``.
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "StepLR": lambda opt: sched.StepLR(opt, step_size=2, gamma=0.5),
+    "CosineAnnealingLR": lambda opt: sched.CosineAnnealingLR(opt, T_max=5, eta_min=1e-4),
+    "LambdaLR": lambda opt: sched.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch)),
+    "OneCycleLR": lambda opt: sched.OneCycleLR(
+        opt, max_lr=0.05, total_steps=8, cycle_momentum=False
+    ),
+    "LinearLR+SequentialLR": lambda opt: sched.SequentialLR(
+        opt,
+        [
+            sched.LinearLR(opt, start_factor=0.25, total_iters=3),
+            sched.ExponentialLR(opt, gamma=0.8),
+        ],
+        milestones=[3],
+    ),
+}
+
+# (optstate rule, the same in torch.optim)
+PAIRS: dict[str, tuple[Callable[[], ost.Rule], Callable[[Any], torch.optim.Optimizer]]] = {
+    "Adam": (lambda: ost.Adam(0.02), lambda p: torch.optim.Adam(p, lr=0.02)),
+    "AdamW": (
+        lambda: ost.AdamW(0.02, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+    ),
+    "SGD": (
+        lambda: ost.Momentum(0.05, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_schedulers_match_torch_optim(scheduler: str, pair: str, dtype: torch.dtype) -> None:
+    ours, theirs = make_model(dtype), make_model(dtype)
+    rule, reference = PAIRS[pair]
+    opt, ref = Optimizer(ours, rule()), reference(theirs.parameters())
+    s_opt, s_ref = SCHEDULERS[scheduler](opt), SCHEDULERS[scheduler](ref)
+    for i in range(8):
+        train_step(ours, opt, i)
+        train_step(theirs, ref, i)
+        used = ost.hyperparams(opt.ost_state)["emb.weight"]["lr"]  # the lr of this step
+        assert used == ref.param_groups[0]["lr"]
+        s_opt.step()
+        s_ref.step()
+        assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+        assert_same_weights(ours, theirs, TOL[dtype])
+    assert ours.head.weight is ours.emb.weight
+
+
+def test_one_cycle_with_momentum_cycles_betas() -> None:
+    """OneCycleLR's default ``cycle_momentum`` writes ``betas`` too: a second hyper-parameter
+    through the groups."""
+    ours, theirs = make_model(), make_model()
+    opt, ref = Optimizer(ours, ost.Adam(0.01)), torch.optim.Adam(theirs.parameters(), lr=0.01)
+    s_opt = sched.OneCycleLR(opt, max_lr=0.05, total_steps=6)
+    s_ref = sched.OneCycleLR(ref, max_lr=0.05, total_steps=6)
+    for i in range(6):
+        train_step(ours, opt, i)
+        train_step(theirs, ref, i)
+        s_opt.step()
+        s_ref.step()
+    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    assert_same_weights(ours, theirs, 1e-12)
+
+
+def test_closure_and_written_hyper_parameters() -> None:
+    """``step(closure)`` as torch: the closure runs with gradients enabled and its loss comes back;
+    values written into a group by hand are used at the next step."""
+    ours, theirs = make_model(), make_model()
+    opt = Optimizer(ours, ost.AdamW(0.01, weight_decay=0.1))
+    ref = torch.optim.AdamW(theirs.parameters(), lr=0.01, weight_decay=0.1)
+    for i in range(4):
+        x, y = batch(i)
+        for model, o in ((ours, opt), (theirs, ref)):
+
+            def closure(model: nn.Module = model, o: torch.optim.Optimizer = o) -> torch.Tensor:
+                o.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            with torch.no_grad():
+                loss = o.step(closure)
+            assert loss.requires_grad  # computed under enable_grad
+            if i == 1:
+                o.param_groups[0].update(lr=0.03, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)
+        assert_same_weights(ours, theirs, 1e-12)
+    assert ost.hyperparams(opt.ost_state)["mix.weight"] == {
+        "lr": 0.03,
+        "betas": (0.8, 0.99),
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+    }
+
+
+def test_per_path_rules_are_param_groups() -> None:
+    """A rule per path: one param group per distinct rule, in the order torch.optim's groups take
+    them; a scheduler scales each group's own lr."""
+    ours, theirs = make_model(), make_model()
+
+    def rule(path: tuple[str, ...]) -> ost.Rule:
+        return ost.Adam(0.02) if path[0].startswith("mix.") else ost.Adam(0.005, betas=(0.8, 0.9))
+
+    opt = Optimizer(ours, rule)
+    assert [g["param_names"] for g in opt.param_groups] == [
+        ["emb.weight"],
+        ["mix.bias", "mix.weight"],  # in the order of the tree: names sorted
+    ]
+    ref = torch.optim.Adam(
+        [
+            {"params": [theirs.emb.weight], "lr": 0.005, "betas": (0.8, 0.9)},
+            {"params": [theirs.mix.weight, theirs.mix.bias], "lr": 0.02},
+        ]
+    )
+    s_opt, s_ref = sched.StepLR(opt, 1, gamma=0.7), sched.StepLR(ref, 1, gamma=0.7)
+    for i in range(5):
+        train_step(ours, opt, i)
+        train_step(theirs, ref, i)
+        s_opt.step()
+        s_ref.step()
+        assert_same_weights(ours, theirs, 1e-12)
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+
+
+def test_two_rules_and_a_lr_for_one_group() -> None:
+    """Two rule structures (SGD and Adam) are two groups; an lr written to one changes only it."""
+    ours, theirs = make_model(), make_model()
+    opt = Optimizer(
+        ours, lambda path: ost.Descent(0.1) if path[0] == "mix.bias" else ost.Adam(0.01)
+    )
+    ref_adam = torch.optim.Adam([theirs.emb.weight, theirs.mix.weight], lr=0.01)
+    ref_sgd = torch.optim.SGD([theirs.mix.bias], lr=0.1)
+    assert [g["param_names"] for g in opt.param_groups] == [
+        ["emb.weight", "mix.weight"],
+        ["mix.bias"],
+    ]
+    for i in range(4):
+        x, y = batch(i)
+        for o in (opt, ref_adam, ref_sgd):
+            o.zero_grad()
+        nn.functional.cross_entropy(ours(x), y).backward()
+        nn.functional.cross_entropy(theirs(x), y).backward()
+        opt.step()
+        ref_adam.step()
+        ref_sgd.step()
+        if i == 1:
+            opt.param_groups[1]["lr"] = ref_sgd.param_groups[0]["lr"] = 0.02
+        assert_same_weights(ours, theirs, 1e-12)
+
+
+def test_transposed_tie_in_a_tree() -> None:
+    """A tree of tensors with a view: ``{"embed": W, "unembed": W.t()}`` is one parameter; the
+    view sees each step. torch.optim.Adam on ``[W]`` is the reference."""
+    torch.manual_seed(1)
+    W = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    V = W.detach().clone().requires_grad_(True)
+    tree = {"embed": W, "unembed": W.t()}
+    opt, ref = Optimizer(tree, ost.Adam(0.02)), torch.optim.Adam([V], lr=0.02)
+    assert opt.param_groups[0]["params"] == [W]
+    s_opt, s_ref = sched.CosineAnnealingLR(opt, 4), sched.CosineAnnealingLR(ref, 4)
+    for i in range(4):
+        x, y = batch(i)
+        for t, o in ((tree, opt), (ref.param_groups[0]["params"][0], ref)):
+            o.zero_grad()
+            emb, unemb = (t["embed"], t["unembed"]) if isinstance(t, dict) else (t, t.t())
+            nn.functional.cross_entropy(torch.tanh(emb[x]) @ unemb, y).backward()
+            o.step()
+        s_opt.step()
+        s_ref.step()
+        torch.testing.assert_close(W, V, rtol=1e-12, atol=1e-12)
+    assert torch.equal(tree["unembed"], W.t()) and tree["embed"] is W
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("Lion", ost.Lion(0.01, weight_decay=0.1), optax.lion(0.01, weight_decay=0.1)),
+        ("Lamb", ost.Lamb(0.02, weight_decay=0.01), optax.lamb(0.02, weight_decay=0.01)),
+    ],
+    ids=lambda p: p[0],
+)
+def test_rules_torch_lacks_match_optax(pair: tuple[str, ost.Rule, Any]) -> None:
+    """Lion and Lamb through the Optimizer against optax on the same tied model (the tie as a
+    shared JAX array, its gradient summed by ``jax.grad``)."""
+    # optax is not strict-promotion clean
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        _against_optax(*pair[1:])
+
+
+def _against_optax(rule: ost.Rule, transform: Any) -> None:
+    model = make_model()
+    opt = Optimizer(model, rule)
+    params = {k: jnp.asarray(v.detach().numpy()) for k, v in model.state_dict().items()}
+    params.pop("head.weight")
+    opt_state = transform.init(params)
+
+    def loss(p: dict[str, Any], x: Any, y: Any) -> Any:
+        h = jnp.tanh(p["emb.weight"][x] @ p["mix.weight"].T + p["mix.bias"][None, :])
+        logits = h @ p["emb.weight"].T
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    for i in range(5):
+        train_step(model, opt, i)
+        x, y = (jnp.asarray(t.numpy()) for t in batch(i))
+        grads = jax.grad(loss)(params, x, y)
+        updates, opt_state = transform.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        for name, value in params.items():
+            np.testing.assert_allclose(
+                model.get_parameter(name).detach().numpy(), np.asarray(value), rtol=1e-9, atol=1e-12
+            )
+
+
+def run(model: nn.Module, opt: Optimizer, s: Any, steps: range) -> None:
+    for i in steps:
+        train_step(model, opt, i)
+        s.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_state_dict_round_trip_resumes_bitwise(dtype: torch.dtype) -> None:
+    """Save after 3 steps with ``torch.save``, read back with ``weights_only=True`` into a new
+    Optimizer and scheduler on a fresh model: the next 4 steps equal the uninterrupted run
+    bitwise. The rule mixes an optstate schedule (Adam's ``lr`` in a chain) and a torch scheduler
+    on the other group."""
+
+    def rule(path: tuple[str, ...]) -> ost.Rule:
+        if path[0].startswith("mix."):
+            return ost.AdamW(0.01, weight_decay=0.1)
+        lr = ost.schedules.linear(0.02, 0.001, 6)
+        return ost.OptimiserChain(ost.ClipGlobalNorm(1.0), ost.Adam(lr))
+
+    whole = make_model(dtype)
+    opt = Optimizer(whole, rule)
+    s = sched.StepLR(opt, 2, gamma=0.5)
+    run(whole, opt, s, range(3))
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": whole.state_dict(), "opt": opt.state_dict(), "sched": s.state_dict()}, buffer
+    )
+    run(whole, opt, s, range(3, 7))
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make_model(dtype, seed=5)
+    resumed.load_state_dict(saved["model"])
+    opt2 = Optimizer(resumed, rule)
+    opt2.load_state_dict(saved["opt"])
+    s2 = sched.StepLR(opt2, 2, gamma=0.5)
+    s2.load_state_dict(saved["sched"])
+    run(resumed, opt2, s2, range(3, 7))
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.head.weight is resumed.emb.weight
+    assert ost.hyperparams(opt2.ost_state) == ost.hyperparams(opt.ost_state)
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
