@@ -3,11 +3,7 @@ the same scheduler on the same tied module), optax (rules torch lacks), and its 
 
 from __future__ import annotations
 
-import copy
 import io
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,7 +146,9 @@ def test_closure_and_written_hyper_parameters() -> None:
         x, y = batch(i)
         for model, o in ((ours, opt), (theirs, ref)):
 
-            def closure(model: nn.Module = model, o: torch.optim.Optimizer = o) -> torch.Tensor:
+            def closure(
+                model: nn.Module = model, o: torch.optim.Optimizer = o, x: Any = x, y: Any = y
+            ) -> torch.Tensor:
                 o.zero_grad()
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()
@@ -245,7 +243,8 @@ def test_transposed_tie_in_a_tree() -> None:
         s_opt.step()
         s_ref.step()
         torch.testing.assert_close(W, V, rtol=1e-12, atol=1e-12)
-    assert torch.equal(tree["unembed"], W.t()) and tree["embed"] is W
+    assert torch.equal(tree["unembed"], W.t())
+    assert tree["embed"] is W
 
 
 @pytest.mark.parametrize(
@@ -331,3 +330,148 @@ def test_state_dict_round_trip_resumes_bitwise(dtype: torch.dtype) -> None:
     assert resumed.head.weight is resumed.emb.weight
     assert ost.hyperparams(opt2.ost_state) == ost.hyperparams(opt.ost_state)
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+# Two warnings of torch's own internals, which plain Python hides: its import of torch.utils.mkldnn
+# under torch.compile, and Dynamo probing the loss's .grad when it resumes after the graph break.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_compiled_training_step_equals_eager() -> None:
+    """A training step under ``torch.compile`` with ``opt.step()`` inside: forward and backward
+    are compiled, the step runs eagerly (a graph break), and the weights equal the eager run's to
+    float32 rounding. With ``fullgraph=True`` the step is refused with optstate's reason."""
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, x: Any, y: Any) -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    eager, compiled = make_model(torch.float32), make_model(torch.float32)
+    opt_e, opt_c = Optimizer(eager, ost.AdamW(0.01)), Optimizer(compiled, ost.AdamW(0.01))
+    compiled_step = torch.compile(step)
+    for i in range(2):
+        step(eager, opt_e, *batch(i))
+        compiled_step(compiled, opt_c, *batch(i))
+        assert_same_weights(eager, compiled, 1e-6)
+    assert compiled.head.weight is compiled.emb.weight
+
+    with pytest.raises(Exception, match=r"runs eagerly, outside torch\.compile"):
+        torch.compile(lambda: opt_c.step(), fullgraph=True)()
+    assert_same_weights(eager, compiled, 1e-6)  # nothing stepped
+
+
+# -- bad input: a clear error, nothing changed ------------------------------------------------
+
+
+def snapshot(model: nn.Module, opt: Optimizer) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tensors = [x.clone() for x in jax.tree_util.tree_leaves(opt.ost_state)]
+    return weights, tensors, ost.hyperparams(opt.ost_state)
+
+
+def assert_unchanged(model: nn.Module, opt: Optimizer, before: Any) -> None:
+    weights, tensors, hyper = snapshot(model, opt)
+    assert weights.keys() == before[0].keys()
+    assert all(torch.equal(weights[k], before[0][k]) for k in weights)
+    assert len(tensors) == len(before[1])
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before[1], strict=True))
+    assert hyper == before[2]
+
+
+def trained(rule: ost.Rule, model: nn.Module | None = None) -> tuple[nn.Module, Optimizer]:
+    model = make_model() if model is None else model
+    opt = Optimizer(model, rule)
+    train_step(model, opt, 0)
+    return model, opt
+
+
+def test_scheduler_writing_a_negative_lr_is_refused() -> None:
+    model, opt = trained(ost.Adam(0.01))
+    s = sched.LambdaLR(opt, lambda epoch: 1.0 if epoch < 1 else -0.5)
+    train_step(model, opt, 1)
+    s.step()  # lr = -0.005
+    x, y = batch(2)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] .*lr=-0\.005.*\[0, inf\)"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+    opt.param_groups[0]["lr"] = "fast"
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] must be a real number"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+    opt.param_groups[0]["lr"] = 0.001  # a valid value steps again
+    opt.step()
+    assert ost.hyperparams(opt.ost_state)["mix.weight"]["lr"] == 0.001
+
+
+def test_add_param_group_is_refused() -> None:
+    model, opt = trained(ost.Adam(0.01))
+    groups = [dict(g) for g in opt.param_groups]
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot take a param group after it is made"):
+        opt.add_param_group({"params": [extra], "lr": 0.1})
+    assert opt.param_groups == groups
+    opt.param_groups.append({"params": [extra], "lr": 0.1})  # by hand: refused at the step
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="param_groups has 2 groups, the optimizer made 1"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+
+
+def test_state_dict_of_another_model_or_rule_is_refused() -> None:
+    model, opt = trained(ost.Adam(0.01))
+    before = snapshot(model, opt)
+    groups = [dict(g) for g in opt.param_groups]
+    _, lion = trained(ost.Lion(0.01))
+    with pytest.raises(ost.CheckpointMismatchError, match=r"rules \['Lion.*has \['Adam"):
+        opt.load_state_dict(lion.state_dict())
+
+    class Wider(TiedLM):
+        def __init__(self) -> None:
+            super().__init__(width=7)
+
+    torch.manual_seed(0)
+    _, wider = trained(ost.Adam(0.01), Wider().double())
+    with pytest.raises(
+        ost.CheckpointMismatchError,
+        match=r"shape \(11, 7\) at state_dict\['state'\]\[0\] \(model\['emb\.weight'\]\)"
+        r"\['mu'\], expected torch\.float64 of shape \(11, 6\)",
+    ):
+        opt.load_state_dict(wider.state_dict())
+    other = nn.ModuleDict({"emb": nn.Embedding(11, 6), "out": nn.Linear(6, 11)}).double()
+    _, other_opt = trained_other(other)
+    with pytest.raises(
+        ost.CheckpointMismatchError,
+        match=r"another model: it has model\['out\.bias'\] where this model has model\['head",
+    ):
+        opt.load_state_dict(other_opt.state_dict())
+    ref = torch.optim.Adam(model.parameters())
+    with pytest.raises(ost.CheckpointMismatchError, match=r"not one of optstate\.interop\.torch"):
+        opt.load_state_dict(ref.state_dict())
+    bad = opt.state_dict()
+    bad["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]\[0\].*lr=-1\.0"):
+        opt.load_state_dict(bad)
+    assert_unchanged(model, opt, before)
+    assert opt.param_groups == groups
+
+
+def trained_other(model: nn.Module) -> tuple[nn.Module, Optimizer]:
+    opt = Optimizer(model, ost.Adam(0.01))
+    model.zero_grad()
+    x, _ = batch(0)
+    model["out"](model["emb"](x)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_model_without_names_is_refused() -> None:
+    model = make_model()
+    with pytest.raises(TypeError, match=r"pass the module itself rather than model.parameters"):
+        Optimizer(model.parameters(), ost.Adam())
+    with pytest.raises(TypeError, match="holds no tensor"):
+        Optimizer({"a": 1.0}, ost.Adam())

@@ -31,6 +31,12 @@ from ..schedules import Schedule
 __all__ = ["Optimizer"]
 
 _FORMAT = "optstate.interop.torch.Optimizer/1"
+_EAGER = (
+    "optstate.interop.torch.Optimizer.step runs eagerly, outside torch.compile: its walk over the "
+    "model (ties, rule groups, checks) is Python over JAX pytrees, which Dynamo does not trace. "
+    "Under torch.compile it is a graph break (the rest of the function is still compiled); with "
+    "fullgraph=True, call opt.step() outside the compiled function"
+)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -135,8 +141,8 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- torch's interface ----------------------------------------------------------------------
 
-    @torch.compiler.disable  # optstate's walk is Python over pytrees: it runs eagerly
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    @torch.compiler.disable(reason=_EAGER)  # type: ignore[untyped-decorator, no-untyped-call]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimisation step with the ``.grad`` totals; ``closure`` (if given) is called first
         with gradients enabled, and its loss is returned."""
         loss = None
@@ -207,7 +213,7 @@ class Optimizer(torch.optim.Optimizer):
         if meta["names"] != self._names:
             saved = list(meta["names"])
             diff = next(
-                (f"{a} where this model has {b}" for a, b in zip(saved, self._names) if a != b),
+                (f"{a} where this model has {b}" for a, b in zip(saved, self._names) if a != b),  # noqa: B905
                 f"{len(saved)} parameter positions, this model has {len(self._names)}",
             )
             raise _mismatch(f"is for another model: it has {diff}")
@@ -354,7 +360,7 @@ class Optimizer(torch.optim.Optimizer):
 def _model(module_or_params: Any) -> Any:
     if isinstance(module_or_params, nn.Module):
         return module_or_params
-    if isinstance(module_or_params, torch.Tensor) or isinstance(module_or_params, Iterator):
+    if isinstance(module_or_params, torch.Tensor | Iterator):
         raise TypeError(
             "Optimizer takes an nn.Module or a tree of tensors (a dict by name, say), got "
             f"{type(module_or_params).__name__}: optstate finds ties and applies rules by path, "
