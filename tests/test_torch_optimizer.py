@@ -4,6 +4,11 @@ the same scheduler on the same tied module), optax (rules torch lacks), and its 
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -475,3 +480,75 @@ def test_model_without_names_is_refused() -> None:
         Optimizer(model.parameters(), ost.Adam())
     with pytest.raises(TypeError, match="holds no tensor"):
         Optimizer({"a": 1.0}, ost.Adam())
+
+
+# -- several processes -------------------------------------------------------------------------
+
+DDP_STEPS = 4
+
+
+def ddp_rule() -> ost.Rule:
+    return ost.AdamW(0.02, weight_decay=0.1)
+
+
+def ddp_scheduler(opt: torch.optim.Optimizer) -> Any:
+    return sched.StepLR(opt, 2, gamma=0.5)
+
+
+def test_ddp_two_processes(tmp_path: Path) -> None:
+    """Two processes on localhost (gloo) under DistributedDataParallel, each on half of every
+    batch: both ranks end with the same weights, equal to torch.optim.AdamW on the whole batch in
+    one process (DDP averages the two halves' mean gradients: the whole batch's mean)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    if Path("/sys/class/net/lo").exists():  # gloo on the loopback device, no hostname lookup
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    logs = [open(tmp_path / f"rank{rank}.log", "w+") for rank in range(2)]  # noqa: SIM115
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "torch_ddp_worker.py"),
+                str(rank),
+                str(port),
+                str(tmp_path / f"rank{rank}.pt"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=logs[rank],
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    deadline = time.monotonic() + 120
+    try:  # a rank that fails leaves the other waiting for it: end both
+        while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
+            if any(w.poll() not in (None, 0) for w in workers):
+                break
+            time.sleep(0.1)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+        for log in logs:
+            log.close()
+    for rank, w in enumerate(workers):
+        assert w.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    reference = make_model()
+    opt = torch.optim.AdamW(reference.parameters(), lr=0.02, weight_decay=0.1)
+    schedule = ddp_scheduler(opt)
+    for i in range(DDP_STEPS):
+        train_step(reference, opt, i)
+        schedule.step()
+    expected = dict(reference.named_parameters(remove_duplicate=False))
+    assert list(ranks[0]) == [f"module.{name}" for name in expected] or list(ranks[0]) == list(
+        expected
+    )
+    for name, value in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-12, atol=1e-12, msg=name)
