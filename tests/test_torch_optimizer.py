@@ -552,3 +552,44 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     for name, value in expected.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_fsdp2_dtensors_are_refused_clearly() -> None:
+    """FSDP2's ``fully_shard`` turns the Parameters into DTensors (one process group of one
+    process here, in a child so that this process keeps no process group): the Optimizer and
+    ``setup`` refuse them with optstate's error, naming the parameter."""
+    code = (
+        "import os, torch, torch.distributed as dist\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "import optstate as ost\n"
+        "from optstate.interop.torch import Optimizer\n"
+        "from test_torch_optimizer import make_model\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "model = make_model()\n"
+        "fully_shard(model)\n"
+        "makers = (lambda: Optimizer(model, ost.Adam()), lambda: ost.setup(ost.Adam(), model))\n"
+        "for make in makers:\n"
+        "    try:\n"
+        "        make()\n"
+        "    except TypeError as err:\n"
+        "        print(err)\n"
+        "dist.destroy_process_group()\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "PORT": str(port),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith("model['emb.weight'] is a DTensor (placements (Shard(dim=0),))")
+        assert "DistributedDataParallel" in line

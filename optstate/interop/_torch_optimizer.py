@@ -366,12 +366,16 @@ def _model(module_or_params: Any) -> Any:
             f"{type(module_or_params).__name__}: optstate finds ties and applies rules by path, "
             "so it needs the names; pass the module itself rather than model.parameters()"
         )
+    from .torch import check_not_dtensor
+
     leaves = jax.tree_util.tree_leaves(module_or_params)
     if not any(isinstance(x, torch.Tensor) for x in leaves):
         raise TypeError(
             "Optimizer takes an nn.Module or a tree of torch tensors; "
             f"{type(module_or_params).__name__} holds no tensor"
         )
+    for name, x in zip(path_strings(module_or_params), leaves, strict=True):
+        check_not_dtensor(x, name)
     return module_or_params
 
 

@@ -51,6 +51,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,7 +86,34 @@ def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    return dict(module.named_parameters(remove_duplicate=False))
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for name, p in params.items():
+        check_not_dtensor(p, f"model[{name!r}]")
+    return params
+
+
+@functools.cache
+def _dtensor_type() -> type | tuple[()]:
+    """``DTensor``, or ``()`` (what ``isinstance`` never matches) where torch has no
+    distributed package."""
+    if not torch.distributed.is_available():
+        return ()
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def check_not_dtensor(x: Any, where: str) -> None:
+    """Refuse a ``DTensor`` (a parameter sharded by FSDP2's ``fully_shard`` or by tensor
+    parallelism): it is a wrapper without memory of its own, which optstate's tie detection reads
+    (see docs/pytorch.md, "Several processes")."""
+    if isinstance(x, _dtensor_type()):
+        raise TypeError(
+            f"{where} is a DTensor (placements {tuple(x.placements)}), as FSDP2's fully_shard "
+            "or tensor parallelism makes parameters; optstate does not train DTensors: it finds "
+            "ties from tensors' memory, which a DTensor does not have. Train the module "
+            "under DistributedDataParallel (replicated parameters), or see docs/pytorch.md"
+        )
 
 
 def grad_totals(model: nn.Module | Any) -> Any:
