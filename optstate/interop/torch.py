@@ -86,7 +86,7 @@ def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    params = dict(module.named_parameters(remove_duplicate=False))
+    params: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     for name, p in params.items():
         check_not_dtensor(p, f"model[{name!r}]")
     return params
@@ -109,7 +109,7 @@ def check_not_dtensor(x: Any, where: str) -> None:
     (see docs/pytorch.md, "Several processes")."""
     if isinstance(x, _dtensor_type()):
         raise TypeError(
-            f"{where} is a DTensor (placements {tuple(x.placements)}), as FSDP2's fully_shard "
+            f"{where} is a DTensor (placements {tuple(getattr(x, 'placements', ()))}), as FSDP2's fully_shard "
             "or tensor parallelism makes parameters; optstate does not train DTensors: it finds "
             "ties from tensors' memory, which a DTensor does not have. Train the module "
             "under DistributedDataParallel (replicated parameters), or see docs/pytorch.md"
