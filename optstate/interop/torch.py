@@ -108,8 +108,9 @@ def check_not_dtensor(x: Any, where: str) -> None:
     parallelism): it is a wrapper without memory of its own, which optstate's tie detection reads
     (see docs/pytorch.md, "Several processes")."""
     if isinstance(x, _dtensor_type()):
+        placements = tuple(getattr(x, "placements", ()))
         raise TypeError(
-            f"{where} is a DTensor (placements {tuple(getattr(x, 'placements', ()))}), as FSDP2's fully_shard "
+            f"{where} is a DTensor (placements {placements}), as FSDP2's fully_shard "
             "or tensor parallelism makes parameters; optstate does not train DTensors: it finds "
             "ties from tensors' memory, which a DTensor does not have. Train the module "
             "under DistributedDataParallel (replicated parameters), or see docs/pytorch.md"
