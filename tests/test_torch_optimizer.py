@@ -81,6 +81,10 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "OneCycleLR": lambda opt: sched.OneCycleLR(
         opt, max_lr=0.05, total_steps=8, cycle_momentum=False
     ),
+    "CyclicLR": lambda opt: sched.CyclicLR(
+        opt, base_lr=0.002, max_lr=0.05, step_size_up=3, cycle_momentum=False
+    ),
+    "PolynomialLR": lambda opt: sched.PolynomialLR(opt, total_iters=6, power=2.0),
     "LinearLR+SequentialLR": lambda opt: sched.SequentialLR(
         opt,
         [
