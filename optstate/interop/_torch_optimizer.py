@@ -425,7 +425,10 @@ def _is_schedule(value: Any) -> bool:
 
 
 def _plain(value: Any, where: str) -> Any:
-    """A group's value as the state holds it: a float, or a tuple of floats (``betas``)."""
+    """A group's value as the state holds it: a float, a tuple of floats (``betas``), or
+    ``None`` (an optional hyper-parameter that is off, such as ``Prodigy``'s ``beta3``)."""
+    if value is None:
+        return None
     if isinstance(value, tuple | list):
         return tuple(_plain(v, where) for v in value)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
