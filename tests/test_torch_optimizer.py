@@ -626,3 +626,25 @@ def test_every_rule_resumes_bitwise_through_state_dict(name: str) -> None:
     for (key, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(a, b), key
     assert resumed.head.weight is resumed.emb.weight
+
+
+def test_a_computed_tensor_is_refused() -> None:
+    W = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"model\['w'\] is not a leaf tensor"):
+        Optimizer({"w": W * 2.0}, ost.Adam())
+
+
+def test_an_optstate_schedule_shows_in_its_group_until_overwritten() -> None:
+    """``lr`` as an optstate schedule (linear from 0.1 to 0 over 4 steps): the group shows the
+    value of the next step, 0.1 * (1 - t / 4); a value written over it replaces the schedule."""
+    model = make_model()
+    opt = Optimizer(model, ost.Adam(ost.schedules.linear(0.1, 0.0, 4)))
+    assert opt.param_groups[0]["lr"] == 0.1
+    for t in (1, 2):
+        train_step(model, opt, t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - t / 4), rel=1e-15)
+    opt.param_groups[0]["lr"] = 0.3
+    for t in (3, 4):
+        train_step(model, opt, t)
+        assert opt.param_groups[0]["lr"] == 0.3
+        assert ost.hyperparams(opt.ost_state)["mix.bias"]["lr"] == 0.3

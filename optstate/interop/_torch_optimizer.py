@@ -116,9 +116,11 @@ class Optimizer(torch.optim.Optimizer):
         self._paths: list[frozenset[tuple[Any, ...]]] = []  # per group: its positions' paths
         self._shown: list[dict[str, Any]] = []  # per group: the values the state holds
         self._scheduled: list[set[str]] = []  # per group: names whose value is a schedule
+        self._keys: list[str] = []  # per group: its first parameter's key in ``hyperparams``
         for (r, v), members in groups.items():
             primary = plan.params[members[0]].primary
-            shown = _flat(values["/".join(str(key) for key in keys[primary])])
+            self._keys.append("/".join(str(key) for key in keys[primary]))
+            shown = _flat(values[self._keys[-1]])
             raw = _flat(state.hyper[r][v])
             tensors = [_leaf_tensor(plan.params[k].positions, leaves, names) for k in members]
             positions = [pos for k in members for pos in plan.params[k].positions]
@@ -347,9 +349,7 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if values is None:
                 values = hyperparams(state)
-            keys = position_keys(skeleton(state.plan.treedef))
-            primary = state.plan.params[self._members[g][0]].primary
-            now = _flat(values["/".join(str(key) for key in keys[primary])])
+            now = _flat(values[self._keys[g]])
             for name in self._scheduled[g]:
                 group[name] = self._shown[g][name] = now[name]
 
@@ -387,8 +387,9 @@ def _leaf_tensor(positions: tuple[int, ...], leaves: list[Any], names: list[str]
         if isinstance(x, torch.Tensor) and x.is_leaf:
             return x
     raise ValueError(
-        f"{names[positions[0]]} is a view of a tensor that is not in the model: autograd keeps "
-        ".grad only for leaf tensors, so put the tensor itself in the model"
+        f"{names[positions[0]]} is not a leaf tensor (it was computed, or is a view of a tensor "
+        "that is not in the model): autograd keeps .grad only for leaf tensors, so put the "
+        "tensor itself (an nn.Parameter, or a tensor made with requires_grad=True) in the model"
     )
 
 
@@ -466,6 +467,10 @@ def _meta(state_dict: Any) -> dict[str, Any]:
             f"is not a state_dict at all (a {type(state_dict).__name__} with keys "
             f"{sorted(map(str, state_dict)) if isinstance(state_dict, Mapping) else '-'})"
         )
+    if not isinstance(state_dict["state"], Mapping) or not isinstance(
+        state_dict["param_groups"], list
+    ):
+        raise _mismatch("has a 'state' that is not a dict or 'param_groups' that is not a list")
     meta = state_dict.get("optstate")
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
         raise _mismatch(
