@@ -462,6 +462,13 @@ def test_state_dict_of_another_model_or_rule_is_refused() -> None:
     ref = torch.optim.Adam(model.parameters())
     with pytest.raises(ost.CheckpointMismatchError, match=r"not one of optstate\.interop\.torch"):
         opt.load_state_dict(ref.state_dict())
+    _, split = trained(lambda path: ost.Adam(0.1 if path[0].startswith("mix.") else 0.01))
+    with pytest.raises(ost.CheckpointMismatchError, match=r"has 2 param groups, this .* has 1"):
+        opt.load_state_dict(split.state_dict())
+    bad = opt.state_dict()
+    del bad["state"][1]["nu"]
+    with pytest.raises(ost.CheckpointMismatchError, match=r"holds \['count', 'mu'\] at state"):
+        opt.load_state_dict(bad)
     bad = opt.state_dict()
     bad["param_groups"][0]["lr"] = -1.0
     with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]\[0\].*lr=-1\.0"):

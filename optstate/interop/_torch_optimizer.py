@@ -214,8 +214,9 @@ class Optimizer(torch.optim.Optimizer):
             raise _mismatch(f"is for the rules {meta['rules']}, this optimizer has {self._rules}")
         if meta["names"] != self._names:
             saved = list(meta["names"])
+            pairs = zip(saved, self._names, strict=False)  # the first difference, if any
             diff = next(
-                (f"{a} where this model has {b}" for a, b in zip(saved, self._names) if a != b),  # noqa: B905
+                (f"{a} where this model has {b}" for a, b in pairs if a != b),
                 f"{len(saved)} parameter positions, this model has {len(self._names)}",
             )
             raise _mismatch(f"is for another model: it has {diff}")
@@ -230,6 +231,8 @@ class Optimizer(torch.optim.Optimizer):
         for g, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
             expected = list(range(first, first + len(group["params"])))
             first += len(group["params"])
+            if not isinstance(saved, Mapping):
+                raise _mismatch(f"has a {type(saved).__name__} as param_groups[{g}], not a dict")
             if saved.get("params") != expected:
                 raise _mismatch(
                     f"param_groups[{g}]['params'] is {saved.get('params')!r}, this optimizer's "
@@ -476,6 +479,12 @@ def _meta(state_dict: Any) -> dict[str, Any]:
         raise _mismatch(
             "is not one of optstate.interop.torch.Optimizer (it has no 'optstate' entry of "
             f"format {_FORMAT!r}: a torch.optim optimizer's state_dict, say)"
+        )
+    missing = [k for k in ("rules", "names", "scheduled", "clocks", "step") if k not in meta]
+    if missing or len(meta["scheduled"]) != len(state_dict["param_groups"]):
+        raise _mismatch(
+            f"has an incomplete 'optstate' entry (missing {missing}, or its 'scheduled' is not "
+            "one list per param group)"
         )
     return dict(meta)
 
