@@ -655,3 +655,18 @@ def test_an_optstate_schedule_shows_in_its_group_until_overwritten() -> None:
         train_step(model, opt, t)
         assert opt.param_groups[0]["lr"] == 0.3
         assert ost.hyperparams(opt.ost_state)["mix.bias"]["lr"] == 0.3
+
+
+def test_state_dict_hooks_run_as_in_torch_optim() -> None:
+    _, opt = trained(ost.Adam(0.01))
+    calls: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: {k: v for k, v in sd.items() if k != "extra"}
+    )
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("loaded"))
+    saved = opt.state_dict()
+    assert saved["extra"] == 1
+    opt.load_state_dict(saved)
+    assert calls == ["pre", "loaded"]

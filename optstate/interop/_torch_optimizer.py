@@ -177,7 +177,10 @@ class Optimizer(torch.optim.Optimizer):
         index (the order of ``param_groups``), each a dict of the rule state's tensors by name
         (``mu``, ``nu``, ``count``; ``1.mu`` for a chain's second member); ``"param_groups"`` as
         in ``torch.optim`` (values, and ``params`` as indices); and ``"optstate"`` with the
-        rules, the parameter names, the schedules' clocks and the step count."""
+        rules, the parameter names, the schedules' clocks and the step count. Hooks registered
+        with ``register_state_dict_pre_hook`` / ``_post_hook`` run as in ``torch.optim``."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self._state
         out: dict[int, dict[str, torch.Tensor]] = {}
         for i, k in enumerate(self._order()):
@@ -197,18 +200,26 @@ class Optimizer(torch.optim.Optimizer):
             "clocks": jax.tree_util.tree_leaves(state.clocks),
             "step": state.step,
         }
-        return {"state": out, "param_groups": groups, "optstate": meta}
+        result: dict[str, Any] = {"state": out, "param_groups": groups, "optstate": meta}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            changed = post_hook(self, result)
+            result = result if changed is None else changed
+        return result
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()`` of an ``Optimizer`` made for the same model (names, shapes,
         dtypes) and rules. Everything is checked before anything changes; the tensors are
-        copied onto the devices of this optimiser's state.
+        copied onto the devices of this optimiser's state. Hooks registered with torch's
+        ``register_load_state_dict_pre_hook`` / ``_post_hook`` run as in ``torch.optim``.
 
         Raises:
             CheckpointMismatchError: the state_dict is not one of this class, or is for another
                 model, other rules or other groups; the message names the first difference.
             ValueError, TypeError: a hyper-parameter value its rule refuses.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            changed = pre_hook(self, state_dict)
+            state_dict = state_dict if changed is None else changed
         meta = _meta(state_dict)
         if meta["rules"] != self._rules:
             raise _mismatch(f"is for the rules {meta['rules']}, this optimizer has {self._rules}")
@@ -269,6 +280,8 @@ class Optimizer(torch.optim.Optimizer):
             group["params"] = params
             self._shown[g] = {name: _plain(group[name], "") for name in self._shown[g]}
             self._scheduled[g] &= scheduled[g]
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @property
     def ost_state(self) -> State:
