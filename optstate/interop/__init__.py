@@ -2,5 +2,6 @@
 
 * ``optstate.interop.optax``: optax transformations as optstate rules, and optstate rules as
   tie-aware optax transformations;
-* ``optstate.interop.torch``: PyTorch modules and ``.grad`` gradients.
+* ``optstate.interop.torch``: PyTorch modules, ``.grad`` gradients, and ``Optimizer``, a
+  ``torch.optim.Optimizer`` that steps with optstate.
 """
