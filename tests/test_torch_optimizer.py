@@ -22,46 +22,19 @@ import torch
 from test_rule_properties import RULES
 from torch import nn
 from torch.optim import lr_scheduler as sched
+from torch_optimizer_cases import (
+    DDP_STEPS,
+    TiedLM,
+    batch,
+    ddp_scheduler,
+    make_model,
+    train_step,
+)
 
 import optstate as ost
 from optstate.interop.torch import Optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class TiedLM(nn.Module):
-    """Embedding, a hidden layer and an output layer that is the embedding: one Parameter under
-    two names (``head.weight`` is ``emb.weight``)."""
-
-    def __init__(self, vocab: int = 11, width: int = 6) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.mix = nn.Linear(width, width)
-        self.head = nn.Linear(width, vocab, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(torch.tanh(self.mix(self.emb(idx))))
-        return out
-
-
-def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> TiedLM:
-    torch.manual_seed(seed)
-    return TiedLM().to(dtype)
-
-
-def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 + i)
-    return torch.randint(0, 11, (16,), generator=gen), torch.randint(0, 11, (16,), generator=gen)
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:
-    x, y = batch(i)
-    opt.zero_grad()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.detach()
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module, tol: float) -> None:
@@ -496,16 +469,6 @@ def test_model_without_names_is_refused() -> None:
 
 # -- several processes -------------------------------------------------------------------------
 
-DDP_STEPS = 4
-
-
-def ddp_rule() -> ost.Rule:
-    return ost.AdamW(0.02, weight_decay=0.1)
-
-
-def ddp_scheduler(opt: torch.optim.Optimizer) -> Any:
-    return sched.StepLR(opt, 2, gamma=0.5)
-
 
 def test_ddp_two_processes(tmp_path: Path) -> None:
     """Two processes on localhost (gloo) under DistributedDataParallel, each on half of every
@@ -575,7 +538,7 @@ def test_fsdp2_dtensors_are_refused_clearly() -> None:
         "from torch.distributed.fsdp import fully_shard\n"
         "import optstate as ost\n"
         "from optstate.interop.torch import Optimizer\n"
-        "from test_torch_optimizer import make_model\n"
+        "from torch_optimizer_cases import make_model\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "model = make_model()\n"

@@ -13,9 +13,9 @@ from datetime import timedelta
 def main(rank: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
-    from test_torch_optimizer import DDP_STEPS, batch, ddp_rule, ddp_scheduler, make_model
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
+    from torch_optimizer_cases import DDP_STEPS, batch, ddp_rule, ddp_scheduler, make_model
 
     import optstate as ost
     from optstate.interop.torch import Optimizer

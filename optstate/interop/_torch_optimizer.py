@@ -19,13 +19,11 @@ import jax
 import torch
 from torch import nn
 
+from .. import adjust, hyperparams, setup, update_
 from .._errors import CheckpointMismatchError
-from .._setup import setup
 from .._state import State
-from .._update import update_
 from .._walk import flatten, path_strings, position_keys, skeleton, unwrap
-from ..adjust import adjust, hyperparams
-from ..rules._base import Rule
+from ..rules import Rule
 from ..schedules import Schedule
 
 __all__ = ["Optimizer"]
