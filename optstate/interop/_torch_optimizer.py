@@ -81,6 +81,13 @@ class Optimizer(torch.optim.Optimizer):
         >>> opt.param_groups[0]["lr"], lm[1].weight is lm[0].weight
         (0.0005, True)
 
+    Args:
+        module_or_params: the ``nn.Module`` to train (a ``DistributedDataParallel`` wrapper
+            included), or a tree of tensors whose leaves are autograd leaves or views of them.
+        rule: the rule for every parameter, or a function of a parameter's path (and, as
+            ``setup`` allows, its tensor) giving its rule or ``None``; tied positions must get
+            one rule.
+
     Raises:
         TypeError: ``module_or_params`` is neither a module nor a tree holding tensors (an
             iterator such as ``model.parameters()`` has no names: pass the module).
