@@ -6,14 +6,20 @@ is tied to its input embedding, ``head.weight = emb.weight``, as in most languag
 ``nn.Parameter`` under two names. It trains on the text of this repository's own README and docs
 (read at run time, so no download), in float32, with AdamW.
 
-Three copies start from the same weights and see the same batches:
+Three copies start from the same weights and see the same batches, with the same learning-rate
+schedule (``torch.optim.lr_scheduler``: a linear warm-up, then cosine decay):
 
-1. **optstate, partial gradients**: ``torch.func.grad`` over ``functional_call(model, params,
+1. **optstate's Optimizer**, the usual PyTorch loop: ``opt.zero_grad()``, ``loss.backward()``,
+   ``opt.step()``, ``scheduler.step()``, with ``optstate.interop.torch.Optimizer``, a
+   ``torch.optim.Optimizer`` that steps with optstate (the tied Parameter counted once, kept
+   tied). Half-way it is checkpointed (``torch.save`` of the model's, the optimiser's and the
+   scheduler's ``state_dict()``) and the run continues from the file in a fresh model,
+   optimiser and scheduler (``torch.load(..., weights_only=True)``), as after a restart.
+2. **optstate, partial gradients**: ``torch.func.grad`` over ``functional_call(model, params,
    tie_weights=False)`` gives one partial gradient per name, the embedding's and the output
-   layer's; ``ost.update_`` adds them up, takes one AdamW step and writes it into the module's
-   Parameters, which stay one object.
-2. **optstate, totals**: ``loss.backward()`` leaves the total in ``.grad``;
-   ``optstate.interop.torch.grad_totals`` hands it to ``update_`` once.
+   layer's; ``ost.update_`` adds them up and writes the AdamW step into the module's
+   Parameters, which stay one object. The scheduler's learning rate reaches it through
+   ``ost.adjust``.
 3. **torch.optim.AdamW**, the reference, on ``model.parameters()`` (which lists the tied
    Parameter once).
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,12 +108,41 @@ def step_partials(state: ost.State, model: CharLM, x: torch.Tensor, y: torch.Ten
     return state
 
 
-def step_totals(state: ost.State, model: CharLM, x: torch.Tensor, y: torch.Tensor) -> ost.State:
-    """``backward()``: the total per Parameter in ``.grad``, counted once."""
-    model.zero_grad()
-    loss_fn(model(x), y).backward()
-    state, _ = ost.update_(state, model, ost_torch.grad_totals(model))
-    return state
+def schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A linear warm-up over the first tenth of the steps, then cosine decay to a tenth."""
+    warmup = max(1, steps // 10)
+    lr = opt.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(1, steps - warmup), eta_min=lr / 10
+            ),
+        ],
+        milestones=[warmup],
+    )
+
+
+def checkpoint_and_resume(
+    model: CharLM, opt: ost_torch.Optimizer, sched: Any, rule: ost.Rule, steps: int
+) -> tuple[CharLM, ost_torch.Optimizer, Any]:
+    """Save the model, the optimiser and the scheduler with ``torch.save``, then build all three
+    afresh and load them back, as a restarted job would."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint.pt"
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+            path,
+        )
+        saved = torch.load(path, weights_only=True)  # tensors and plain values only
+    model = CharLM(model.emb.num_embeddings)
+    model.load_state_dict(saved["model"])
+    opt = ost_torch.Optimizer(model, rule)
+    sched = schedule(opt, steps)  # made before loading: making it writes its first lr
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    return model, opt, sched
 
 
 def step_torch(opt: torch.optim.Optimizer, model: CharLM, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -156,46 +192,67 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     evaluation = batches(data, 4, args.seed + 1)
 
     model = CharLM(len(chars))
-    by_totals, reference = copy.deepcopy(model), copy.deepcopy(model)  # deepcopy keeps the tie
+    by_optimizer, reference = copy.deepcopy(model), copy.deepcopy(model)  # deepcopy keeps the tie
     tied = model.head.weight
     rule = ost.AdamW(args.lr, weight_decay=1e-2)
-    state = ost.setup(rule, model)  # one AdamW state for the tied Parameter
-    state_totals = ost.setup(rule, by_totals)
-    opt = torch.optim.AdamW(reference.parameters(), lr=args.lr, weight_decay=1e-2)
+    opt = ost_torch.Optimizer(by_optimizer, rule)  # one AdamW state for the tied Parameter
+    sched = schedule(opt, args.steps)
+    state = ost.setup(rule, model)
+    ref = torch.optim.AdamW(reference.parameters(), lr=args.lr, weight_decay=1e-2)
+    ref_sched = schedule(ref, args.steps)
+    resume_at = args.steps // 2
 
     @torch.no_grad()
     def evaluate(m: CharLM) -> float:
         return sum(float(loss_fn(m(x), y)) for x, y in evaluation) / len(evaluation)
 
-    initial = evaluate(model)
-    say(f"{state}; {len(text)} characters of README and docs, vocabulary {len(chars)}")
+    initial = evaluate(by_optimizer)
+    say(f"{opt.ost_state}; {len(text)} characters of README and docs, vocabulary {len(chars)}")
     say(f"step {0:>5}  loss {initial:.4f}")
     for i, (x, y) in enumerate(train, 1):
+        # 1. the PyTorch loop
+        opt.zero_grad()
+        loss_fn(by_optimizer(x), y).backward()
+        opt.step()
+        # 2. partial gradients, at the scheduler's learning rate for this step
+        state = ost.adjust(state, lr=opt.param_groups[0]["lr"])
         state = step_partials(state, model, x, y)
-        state_totals = step_totals(state_totals, by_totals, x, y)
-        step_torch(opt, reference, x, y)
+        # 3. the reference
+        step_torch(ref, reference, x, y)
+        sched.step()
+        ref_sched.step()
+        if i == resume_at:
+            by_optimizer, opt, sched = checkpoint_and_resume(
+                by_optimizer, opt, sched, rule, args.steps
+            )
+            say(f"step {i:>5}  checkpointed, and resumed from the file")
         if i % max(1, args.steps // 6) == 0 or i == args.steps:
-            say(f"step {i:>5}  loss {evaluate(model):.4f}")
+            lr = opt.param_groups[0]["lr"]
+            say(f"step {i:>5}  loss {evaluate(by_optimizer):.4f}  lr {lr:.2e}")
 
     figures = {
         "steps": args.steps,
         "lr": args.lr,
+        "resumed_at": resume_at,
         "initial_loss": initial,
-        "final_loss": evaluate(model),
-        "tie_kept": model.head.weight is model.emb.weight is tied,
-        "max_diff_vs_torch_optim": max_diff(model, reference),
-        "max_diff_partials_vs_totals": max_diff(model, by_totals),
-        "max_abs_weight": max(float(p.detach().abs().max()) for p in model.parameters()),
+        "final_loss": evaluate(by_optimizer),
+        "tie_kept": model.head.weight is model.emb.weight is tied
+        and by_optimizer.head.weight is by_optimizer.emb.weight,
+        "max_diff_vs_torch_optim": max_diff(by_optimizer, reference),
+        "max_diff_partials_vs_optimizer": max_diff(model, by_optimizer),
+        "max_abs_weight": max(float(p.detach().abs().max()) for p in by_optimizer.parameters()),
+        "final_lr": opt.param_groups[0]["lr"],
+        "reference_final_lr": ref.param_groups[0]["lr"],
         "seconds": time.perf_counter() - start,
     }
     say(
         f"\nloss {figures['initial_loss']:.4f} -> {figures['final_loss']:.4f}; tie kept: "
         f"{figures['tie_kept']}\nlargest difference from torch.optim.AdamW: "
         f"{figures['max_diff_vs_torch_optim']:.1e} (largest weight "
-        f"{figures['max_abs_weight']:.2f}); between partials (torch.func.grad) and totals "
-        f"(.grad): {figures['max_diff_partials_vs_totals']:.1e}"
+        f"{figures['max_abs_weight']:.2f}); between partials (torch.func.grad, update_) and "
+        f"the Optimizer (.grad): {figures['max_diff_partials_vs_optimizer']:.1e}"
     )
-    say(f"sample: {sample(model, 'optstate keeps ', chars, 60)!r}")
+    say(f"sample: {sample(by_optimizer, 'optstate keeps ', chars, 60)!r}")
     say(f"{figures['seconds']:.1f} s")
     return figures
 

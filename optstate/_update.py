@@ -109,6 +109,32 @@ def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     Every new value is computed before any is written, so ``update_`` gives what ``update``
     gives whatever memory the gradients share with the parameters and the state (a gradient may
     be another parameter's array), and a step that fails writes nothing, step counts included.
+
+    Args:
+        state: the ``State`` from ``setup`` (or the last step).
+        model: the model the state was set up for: a pytree of arrays or an ``nn.Module``.
+        grads: the gradient, as for ``update``.
+
+    Returns:
+        ``(state, model)``: the new state and the model, whose writable arrays are the same
+        objects as before, holding the new values.
+
+    Raises:
+        StructureError, TieError, ValueError, TypeError: as ``update``, before anything is
+            written.
+
+    Examples:
+        >>> import numpy as np, optstate as ost
+        >>> W = np.array([[1.0, 2.0], [3.0, 4.0]])
+        >>> model = {"enc": W, "dec": W.T}  # a NumPy view: one parameter
+        >>> state = ost.setup(ost.Descent(0.5), model)
+        >>> grads = {"enc": np.ones((2, 2)), "dec": np.ones((2, 2))}  # summed: 2 everywhere
+        >>> state, model = ost.update_(state, model, grads)
+        >>> W  # written in place: W - 0.5 * 2
+        array([[0., 1.],
+               [2., 3.]])
+        >>> model["enc"] is W and model["dec"].base is W
+        True
     """
     kind = _models.model_kind(model)
     if kind is not None:

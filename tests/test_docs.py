@@ -80,16 +80,11 @@ def test_every_page_is_in_the_site():
 
 # -- docstrings of the public names ------------------------------------------------------------
 
-# Names whose docstrings live in files other branches are rewriting (``update_`` in _update.py on
-# ``inplace``, optstate/interop/torch.py on ``torchopt``): listed here until those land with their
-# sections. The test fails as soon as one of them is complete, so that it leaves this list.
-PENDING = {
-    "optstate.update_": {"an example", "an Args section"},
-    "optstate.interop.torch.grad_totals": {"an Args section"},
-    "optstate.interop.torch.parameters": {"an Args section"},
-}
-# Public modules whose namespace still shows internals, for the same reason.
-PENDING_NAMESPACES = {"optstate.interop.torch"}
+# Names not yet complete (none): the test fails as soon as one of them is, so that it leaves
+# this list.
+PENDING: dict[str, set[str]] = {}
+# Public modules whose namespace still shows internals (none).
+PENDING_NAMESPACES: set[str] = set()
 
 
 def _public_objects() -> list[tuple[str, object]]:

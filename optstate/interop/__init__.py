@@ -2,7 +2,8 @@
 
 * ``optstate.interop.optax``: optax transformations as optstate rules, and optstate rules as
   tie-aware optax transformations;
-* ``optstate.interop.torch``: PyTorch modules and ``.grad`` gradients.
+* ``optstate.interop.torch``: PyTorch modules, ``.grad`` gradients, and ``Optimizer``, a
+  ``torch.optim.Optimizer`` that steps with optstate.
 """
 
 __all__: list[str] = []  # the bridges are imported as submodules: optstate.interop.optax, .torch
