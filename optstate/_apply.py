@@ -78,14 +78,13 @@ def step_in_place(
     grads: list[Any],
 ) -> tuple[list[Any], list[Any], tuple[Any, ...], Any]:
     """``step`` for ``update_`` on mutable arrays, writing the new parameters into the arrays
-    they have (where writable) and, for a rule with an in-place form that fits the arrays
-    (``Rule.in_place``), its new states into the arrays they have; those arrays are returned.
+    they have (where writable); those arrays are returned.
 
-    Every new value is computed before anything is written: the groups without an in-place form
-    by the pure arithmetic of ``step``, the others by ``Rule.update_all_`` into arrays of their
-    own. One ``commit_`` then makes all the writes. So no value is read after it was written,
-    whatever memory the gradients share with the parameters and states (``update_`` equals
-    ``update``), and a step that fails before the commit leaves every array as it was. A step
+    Every new value is computed before anything is written, by the rules' own arithmetic
+    (``apply``, as ``step``). One ``commit_`` then makes all the writes. So no value is read
+    after it was written, whatever memory the gradients share with the parameters and states
+    (``update_`` equals ``update``), and a step that fails before the commit leaves every array
+    as it was. A step
     whose one group is a rule with a fused kernel (``Rule.fused_``) is that kernel's one call.
     """
     index, sums = _summed(plan, layout, bases, grads)
@@ -99,27 +98,13 @@ def step_in_place(
     for r, ks, members in groups:
         rule = plan.rules[r]
         hypers = _hypers(plan, hyper[r], clocks[r], ks)
-        args = (
-            [states[i] for i in members],
-            [bases[i] for i in members],
-            [sums[i] for i in members],
-        )
-        if rule.in_place(*args):
-            # The in-place forms belong to rules that step every parameter alike: one call per
-            # variant of hyper-parameters. Their clocks do not depend on the states.
-            for variant in sorted({plan.param_variants[k] for k in ks}):
-                chosen = [j for j, k in enumerate(ks) if plan.param_variants[k] == variant]
-                part = ([xs[j] for j in chosen] for xs in args)
-                writes.extend(rule.update_all_(hypers[chosen[0]], *part))
-            new_clocks[r] = rule.tick(clocks[r], args[0], args[0])
-        else:
-            _pure(rule, hypers, members, states, bases, sums, new_states, new_bases)
-            before, after = args[0], [new_states[i] for i in members]
-            new_clocks[r] = rule.tick(clocks[r], before, after)
-            for i in members:
-                if new_bases[i] is not bases[i] and _arrays.writable(bases[i]):
-                    writes.append((bases[i], new_bases[i]))
-                    new_bases[i] = bases[i]
+        _pure(rule, hypers, members, states, bases, sums, new_states, new_bases)
+        before, after = [states[i] for i in members], [new_states[i] for i in members]
+        new_clocks[r] = rule.tick(clocks[r], before, after)
+        for i in members:
+            if new_bases[i] is not bases[i] and _arrays.writable(bases[i]):
+                writes.append((bases[i], new_bases[i]))
+                new_bases[i] = bases[i]
     _inplace.commit_(writes)
     return new_states, new_bases, tuple(new_clocks), increment(count)
 

@@ -96,13 +96,12 @@ def update_(state: State, model: Any, grads: Any) -> tuple[State, Any]:
     """``update``, writing each new parameter into its array where that array is writable (NumPy
     arrays, torch tensors), so views and ties held elsewhere see the step. Returns
     ``(state, model)`` like ``update``; the written arrays are the same objects as before. JAX
-    arrays are immutable: for them it is ``update``. Where a rule has an in-place form
-    (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) and the arrays allow it
-    (writable float32 or float64 NumPy arrays or torch tensors, moments in the parameter's
-    dtype), the rule's state is written in place too, and the returned state holds the same
-    arrays: keep a copy (``copy.deepcopy``) to hold on to an earlier state. ``Adam``, ``AdamW``
-    and ``AdaGrad`` on contiguous torch tensors of one device and dtype (16-bit included) run
-    torch's fused kernels when theirs is the step's only rule group (docs/pytorch.md). A torch
+    arrays are immutable: for them it is ``update``. The new values are the rule's own
+    arithmetic, as ``update`` computes them. ``Adam``, ``AdamW`` and ``AdaGrad`` on contiguous
+    torch tensors of one device and dtype (16-bit included) run torch's fused kernels when theirs
+    is the step's only rule group (docs/pytorch.md); the kernel writes the moments in place too,
+    and the returned state then holds the same tensors: keep a copy (``copy.deepcopy``) to hold
+    on to an earlier state. A torch
     ``nn.Module`` has its Parameters written in place and is returned itself (see
     ``optstate.interop.torch``).
 

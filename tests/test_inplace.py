@@ -1,7 +1,7 @@
-"""``update_``'s in-place forms (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW`` on
-NumPy arrays and torch tensors): they write into the arrays the model and the state already have,
-agree with the pure forms and with ``torch.optim``'s ``foreach`` implementations, step a tie once,
-and give way to the pure form wherever they do not fit.
+"""``update_`` (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW`` on NumPy arrays and
+torch tensors): it writes into the arrays the model already has, agrees with the pure ``update``
+and with ``torch.optim``'s ``foreach`` implementations, steps a tie once, and writes nothing when
+a rule fails.
 
 References: ``torch.optim`` (``foreach=True``) on the same tied module; the pure ``update`` of the
 same rule, itself checked against optax and ``torch.optim`` elsewhere.
@@ -31,10 +31,11 @@ RULES = {
     "adam": ost.Adam(LR, BETAS, EPS),
     "adamw": ost.AdamW(LR, BETAS, EPS, weight_decay=WD),
 }
-# The in-place forms compute in another order than the pure ones (Adam: lerp for the first
-# moment, the bias corrections folded into lr and the denominator), so the two round apart by a
-# few units in the last place per step. Relative tolerances a few hundred ulps wide over five
-# steps; a wrong formula or a tie counted twice is off by percents.
+# torch's fused Adam kernel (float32 and float64 tensors, one group) computes in another order
+# than the pure form (lerp for the first moment, the bias corrections folded into lr and the
+# denominator), so the two round apart by a few units in the last place per step. Relative
+# tolerances a few hundred ulps wide over five steps; a wrong formula or a tie counted twice is
+# off by percents.
 TOL = {"float32": 2e-5, "float64": 1e-12}
 
 
@@ -57,13 +58,12 @@ def test_in_place_form_writes_into_the_arrays_and_matches_the_pure_form(
     state, pure_state = ost.setup(rule, ours), ost.setup(rule, pure)
     w, b = ours["w"], ours["b"]
     for step in range(STEPS):
-        before = leaves(state.states)
         state, ours = ost.update_(state, ours, grads_of(ours, step))
         pure_state, pure = ost.update(pure_state, pure, grads_of(pure, step))
-        # Written in place: the same parameter and state arrays, the tie still one memory.
+        # Written in place: the same parameter arrays, the tie still one memory (the moments are
+        # new arrays, except where torch's fused kernel wrote them in place).
         assert ours["w"] is w
         assert ours["b"] is b
-        assert all(new is old for new, old in zip(leaves(state.states), before, strict=True))
         assert np.shares_memory(as_numpy(ours["wt"]), as_numpy(w))
     for key in ours:
         np.testing.assert_allclose(
@@ -90,7 +90,8 @@ FOREACH = {
 
 @pytest.mark.parametrize("name", list(RULES))
 def test_tied_float32_module_matches_torch_optim_foreach(name: str) -> None:
-    """float32, where the order of operations shows: the in-place forms follow torch.optim's."""
+    """float32, where the order of operations shows: optstate's step (its own arithmetic, or
+    torch's fused kernel for Adam and AdamW) stays within float32 rounding of torch.optim's."""
     ours = TiedLM(0)
     ref = copy.deepcopy(ours)
     opt = FOREACH[name](list(ref.parameters()))

@@ -16,14 +16,12 @@ By default it applies ``apply`` to each and subtracts the step; a rule that look
 parameters (``ClipGlobalNorm``, ``SkipNonFinite``) overrides ``apply_all``, and one that makes the
 new parameter itself (``MixedPrecision``) overrides ``update_all``.
 
-``update_`` on mutable arrays (NumPy, torch) first asks ``in_place``: a rule that has an in-place
-form (``Descent``, ``Momentum``, ``Nesterov``, ``Adam``, ``AdamW``) says yes where the arrays allow
-it, and ``update_all_`` then computes the new state and parameters with the list operations of
-``_inplace`` (one multi-tensor kernel per operation on torch) and returns them as writes into the
-arrays they already have; ``update_`` makes every write of the step at once, after every value is
-computed. Where a rule's group is the step's only one, ``fused_`` may instead step it with one
-fused kernel (``Adam``, ``AdamW``, ``AdaGrad`` on torch: ``_fused``). The pure ``apply`` stays
-the definition: the tests check that every form agrees with it.
+``update_`` on mutable arrays (NumPy, torch) computes every new value with ``apply``, then
+writes the new parameters into the arrays they have, all at once. Where a rule's group is the
+step's only one, the optional ``fused_`` may instead step it in place with the array library's
+fused kernel (``Adam``, ``AdamW``, ``AdaGrad`` on torch: ``_fused``), whose arithmetic is the
+reference's own. The rule's arithmetic lives once, in ``apply``: the tests check that the fused
+kernels agree with it.
 """
 
 from __future__ import annotations
@@ -139,22 +137,6 @@ class Rule:
         still gathering (``AccumGrad``). An ``OptimiserChain`` then holds the rules after it."""
         del state
         return None
-
-    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
-        """Whether ``update_all_`` can step these parameters (no rule can, unless it says so)."""
-        del states, params, grads
-        return False
-
-    def update_all_(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> list[tuple[Any, Any]]:
-        """``update_all`` as writes: ``(array, new value)`` pairs that put the new parameters into
-        ``params`` and the new rule states into the arrays of ``states``. It writes nothing
-        itself (the values are new arrays): ``update_`` commits the writes of every group at
-        once, so no value is read after it was written (a gradient may be another parameter's
-        array) and a failure anywhere in the step leaves everything as it was. Called only where
-        ``in_place`` said yes, with one variant of hyper-parameters (``hyper``)."""
-        raise NotImplementedError(f"{self.name()} has no in-place form")
 
     def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
         """Step these parameters in place with one fused kernel, if the arrays allow it, and say

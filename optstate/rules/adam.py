@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
-from . import _fused, _inplace
+from . import _fused
 from ._contract import Rule, increment
 from ._numerics import abs2, cast, moment_zeros, namespace, real_dtype, scalar_dtype, scalars
 from ._validate import floating_dtype, hyper, static
@@ -47,37 +47,6 @@ def _direction(hyper: Any, state: AdamState, grad: Any) -> tuple[AdamState, Any]
     nu_hat = nu / cast(xp.asarray(1 - b2**t), real)
     direction = mu_hat / cast(xp.sqrt(nu_hat) + cast(eps, real), dtype)
     return AdamState(cast(mu, state.mu.dtype), nu, count), direction
-
-
-def _step_(
-    hyper: Any, states: list[AdamState], params: list[Any], grads: list[Any], decay: float = 0.0
-) -> _inplace.Writes:
-    """Adam (with decoupled ``decay``) for ``update_``, the arithmetic of ``torch.optim.Adam``'s
-    ``foreach`` form: ``m`` lerps towards ``g``, ``v`` takes ``(1 - beta2) g^2``, and the
-    parameter moves by ``-lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``. The
-    new values are computed into new arrays; the writes are returned (``_inplace``)."""
-    beta1, beta2 = (float(b) for b in hyper["betas"])
-    lr, eps = float(hyper["lr"]), float(hyper["eps"])
-    mus, nus = [s.mu for s in states], [s.nu for s in states]
-    counts = [s.count for s in states]
-    new_counts = _inplace.counted(counts)
-    steps = _inplace.values(new_counts)
-    new_mus = _inplace.lerp(mus, grads, 1 - beta1)
-    new_nus = _inplace.mul(nus, beta2)
-    _inplace.addcmul_(new_nus, grads, grads, 1 - beta2)
-    denominators = _inplace.sqrt(new_nus)
-    _inplace.div_(denominators, [(1 - beta2**t) ** 0.5 for t in steps])
-    _inplace.add_(denominators, eps)
-    decayed = _inplace.mul(params, 1 - lr * decay) if decay else params
-    new_params = _inplace.addcdiv(
-        decayed, new_mus, denominators, [-lr / (1 - beta1**t) for t in steps]
-    )
-    return [
-        *zip(params, new_params, strict=True),
-        *zip(mus, new_mus, strict=True),
-        *zip(nus, new_nus, strict=True),
-        *zip(counts, new_counts, strict=True),
-    ]
 
 
 def _fused_(
@@ -158,14 +127,6 @@ class Adam(Rule):
         (lr,) = scalars(namespace(grad), grad.dtype, hyper["lr"])
         return state, lr * direction
 
-    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
-        return _inplace.fits(states, params, grads)
-
-    def update_all_(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> _inplace.Writes:
-        return _step_(hyper, states, params, grads)
-
     def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
         return _fused_(hyper, states, params, grads, None)
 
@@ -227,14 +188,6 @@ class AdamW(Rule):
         xp = namespace(grad)
         lr, decay = scalars(xp, grad.dtype, hyper["lr"], hyper["weight_decay"])
         return state, lr * (direction + decay * param)
-
-    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
-        return _inplace.fits(states, params, grads)
-
-    def update_all_(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> _inplace.Writes:
-        return _step_(hyper, states, params, grads, float(hyper["weight_decay"]))
 
     def fused_(self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
         return _fused_(hyper, states, params, grads, float(hyper["weight_decay"]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from . import _inplace
 from ._contract import Rule
 from ._numerics import namespace, scalars
 from ._validate import hyper
@@ -43,15 +42,6 @@ class Descent(Rule):
         xp = namespace(grad)
         (lr,) = scalars(xp, grad.dtype, hyper["lr"])
         return state, lr * grad
-
-    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
-        return _inplace.fits(states, params, grads)
-
-    def update_all_(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> _inplace.Writes:
-        new = _inplace.add_scaled(params, grads, -float(hyper["lr"]))
-        return list(zip(params, new, strict=True))
 
 
 class MomentumState(NamedTuple):
@@ -105,14 +95,6 @@ class Momentum(Rule):
         del param
         return _momentum(hyper, state, grad, nesterov=False)
 
-    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
-        return _inplace.fits(states, params, grads)
-
-    def update_all_(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> _inplace.Writes:
-        return _momentum_(hyper, states, params, grads, nesterov=False)
-
 
 @dataclass(frozen=True)
 class Nesterov(Rule):
@@ -160,31 +142,9 @@ class Nesterov(Rule):
         del param
         return _momentum(hyper, state, grad, nesterov=True)
 
-    def in_place(self, states: list[Any], params: list[Any], grads: list[Any]) -> bool:
-        return _inplace.fits(states, params, grads)
-
-    def update_all_(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
-    ) -> _inplace.Writes:
-        return _momentum_(hyper, states, params, grads, nesterov=True)
-
 
 def _momentum(hyper: Any, state: Any, grad: Any, *, nesterov: bool) -> tuple[Any, Any]:
     xp = namespace(grad)
     lr, mu = scalars(xp, grad.dtype, hyper["lr"], hyper["momentum"])
     velocity = mu * state.velocity + grad
     return MomentumState(velocity), lr * (grad + mu * velocity if nesterov else velocity)
-
-
-def _momentum_(
-    hyper: Any, states: list[Any], params: list[Any], grads: list[Any], *, nesterov: bool
-) -> _inplace.Writes:
-    """``_momentum`` for ``update_``, the arithmetic of ``torch.optim.SGD``'s ``foreach`` form,
-    computed into new arrays; the writes are returned (``_inplace``)."""
-    lr, mu = float(hyper["lr"]), float(hyper["momentum"])
-    velocities = [s.velocity for s in states]
-    new_velocities = _inplace.mul(velocities, mu)
-    _inplace.add_scaled_(new_velocities, grads, 1.0)
-    steps = _inplace.add_scaled(grads, new_velocities, mu) if nesterov else new_velocities
-    new_params = _inplace.add_scaled(params, steps, -lr)
-    return [*zip(params, new_params, strict=True), *zip(velocities, new_velocities, strict=True)]
