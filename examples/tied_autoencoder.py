@@ -87,7 +87,8 @@ def loss_fn(model: Model, x: jax.Array) -> jax.Array:
 
 
 def init_untied(key: jax.Array, n_in: int, n_hidden: int) -> Model:
-    """An autoencoder of the same shape with separate weights: the decoder's drawn on its own."""
+    """An autoencoder of the same shape with separate weights, the decoder's drawn on its own from
+    the distribution of the tied model's weight."""
     k_enc, k_dec = jax.random.split(key)
     return {
         "enc": {
