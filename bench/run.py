@@ -707,7 +707,8 @@ def bar_chart(figures: dict[str, Any], path: Path) -> None:
     ratios = [r["ratio"] for r in rows]
     ax.barh(y, ratios, color=[colours[r["result"]] for r in rows], height=0.6)
     for yi, r in zip(y, rows, strict=True):
-        ax.text(r["ratio"], yi, f" {r['ratio']:.3g}", va="center", fontsize=8)
+        right_of = max(r["ratio"], r["target"] or 0.0)  # beside the bar and its target's tick
+        ax.text(right_of, yi, f"  {r['ratio']:.3f}", va="center", fontsize=8)
         if r["target"] is not None:
             ax.plot([r["target"]] * 2, [yi - 0.42, yi + 0.42], color="black", linewidth=2.5)
     ax.axvline(1.0, color="black", linestyle=":", linewidth=1)
