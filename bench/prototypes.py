@@ -6,10 +6,14 @@ parameters in one array instead of a 0-d array each (row c of ``run.py``), again
 (eager ``update``) and optax (jitted): kernels in the compiled step, the time to compile it, the
 step's time, and the largest difference of the results. docs/performance.md says what it found:
 the step is faster, the compilation much slower, and the package keeps a counter per parameter.
+
+``--quick`` uses 50 leaves and few rounds (a smoke test: its times say little); ``--leaves N``
+sets the number of 32x32 leaves (default 500).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -37,10 +41,13 @@ class GroupAdam(ost.Adam):
     def init(self, param: Any) -> AdamState:
         return AdamState(jnp.zeros_like(param), jnp.zeros_like(param), None)
 
+    across = True  # it reads every parameter's counter from the first one's state
+
     def apply_all(
-        self, hyper: Any, states: list[Any], params: list[Any], grads: list[Any]
+        self, hypers: Sequence[Any], states: list[Any], params: list[Any], grads: list[Any]
     ) -> tuple[list[Any], list[Any]]:
         del params
+        hyper = hypers[0]  # the same hyper-parameters for every parameter of the group
         b1, b2 = (jnp.asarray(b, jnp.float32) for b in hyper["betas"])
         eps, lr = (jnp.asarray(hyper[k], jnp.float32) for k in ("eps", "lr"))
         counts = states[0].count
@@ -68,7 +75,7 @@ def median_ms(call: Callable[[], Any], repeats: int, warmup: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def group_counters(leaves: int) -> None:
+def group_counters(leaves: int, rounds: int) -> None:
     rng = np.random.default_rng(0)
     model = {
         f"l{i:03d}": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32) for i in range(leaves)
@@ -106,7 +113,7 @@ def group_counters(leaves: int) -> None:
         calls[f"{name}, program"] = lambda s=state, f=programs[name]: f(s, model, grads)
     calls["optax, program"] = lambda: optax_program(optax_state, model, grads)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for i in range(3 + 41):  # in turn, so that a slow phase of the machine hits all of them
+    for i in range(3 + rounds):  # in turn, so that a slow phase of the machine hits all of them
         for name, call in calls.items():
             start = time.perf_counter()
             jax.block_until_ready(call())
@@ -124,10 +131,25 @@ def group_counters(leaves: int) -> None:
         print(f"   {name:12} {kernels[name]:7d} {built} {program:6.2f} ms {eager_ms}")
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="50 leaves, 5 rounds: a smoke test, not a measurement"
+    )
+    parser.add_argument(
+        "--leaves", type=int, metavar="N", help="leaves of 32x32 (default 500; 50 with --quick)"
+    )
+    args = parser.parse_args(argv)
+    if args.leaves is not None and args.leaves < 1:
+        parser.error(f"--leaves must be at least 1, got {args.leaves}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Measure the prototype (``--quick``: smaller)."""
-    quick = "--quick" in (argv or [])
-    group_counters(50 if quick else 500)
+    """Measure the prototype against ``Adam`` and optax, and print the table."""
+    args = parse_args(argv)
+    default_leaves, rounds = (50, 5) if args.quick else (500, 41)
+    group_counters(args.leaves or default_leaves, rounds)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,28 @@ warm-up steps that also compile. optstate's and optax's steps alternate, so a sl
 machine hits both; the ``spread`` column gives the quartiles of the round-by-round ratios. The
 targets are checked here, never by timed assertions in the tests.
 
-``--quick`` uses small sizes (a smoke test: its ratios say little); ``--json PATH`` also writes
-every figure. docs/performance.md records the figures measured and explains each ratio.
+``--quick`` uses small sizes (a smoke test: its ratios say little). What a run writes besides the
+printed table:
+
+* ``--json PATH``: every figure, with the date, the machine, the versions and the leaf shapes;
+* ``--markdown PATH``: the table as markdown, headed by the date, machine and versions, with each
+  row's leaf shapes. If PATH holds the markers ``<!-- bench:begin -->`` and
+  ``<!-- bench:end -->``, only the text between them is replaced (docs/performance.md includes the
+  table that way); otherwise PATH is written whole;
+* ``--figure PATH``: a bar chart (PNG) of the ratios against their targets.
+
+``--from-json PATH`` measures nothing: it reads the figures a run stored with ``--json`` and writes
+the markdown and the figure from them. docs/performance.md shows the table and the chart of the
+run stored in docs/bench.json, and explains each ratio; a test checks that its table is what
+``markdown`` makes of that JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -46,6 +60,7 @@ import optax
 import optstate as ost
 
 LR = 1e-3
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"  # the table's place in a markdown page
 # The bytes per float32 element an Adam step cannot avoid: read p, g, mu, nu; write p, mu, nu.
 ADAM_BYTES = 7 * 4
 # What XLA's CPU code moves: mu and nu are two kernels whose results the parameter's kernel
@@ -98,6 +113,7 @@ class Row:
     optstate: float
     reference: float
     unit: str
+    shapes: str  # the leaf shapes measured, as "3 x (8388608,) float32"
     target: float | None = None  # the ratio passes at or below it; None: reported, not judged
     spread: tuple[float, float] | None = None  # quartiles of the round-by-round ratios
     notes: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +167,7 @@ def spread(mine: Sequence[float], theirs: Sequence[float]) -> tuple[float, float
 def compare(
     key: str,
     what: str,
+    shapes: str,
     times: dict[str, list[float]],
     reference: str,
     target: float | None,
@@ -164,10 +181,16 @@ def compare(
         median_ms(mine),
         median_ms(theirs),
         "ms",
+        shapes,
         target,
         spread(mine, theirs),
         notes,
     )
+
+
+def leaves(count: int, shape: tuple[int, ...], dtype: str = "float32") -> str:
+    """``count`` leaves of ``shape``, as the table shows them: ``"500 x (32, 32) float32"``."""
+    return f"{count:,} x {shape} {dtype}"
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -234,6 +257,7 @@ def bench_large(sizes: Sizes) -> list[Row]:
                 "a" if donate else "a'",
                 f"Adam step, jax.jit, {size}, "
                 + ("state and params donated" if donate else "no donation"),
+                leaves(sizes.large_leaves, (sizes.large_leaf,)),
                 times,
                 "optax",
                 1.0 if donate else None,
@@ -271,6 +295,7 @@ def bench_bandwidth(sizes: Sizes, adam: Row) -> Row:
         ADAM_BYTES * n / step_seconds / 1e9,
         limit,
         "GB/s",
+        adam.shapes,
         notes={
             **limits,
             "optax_GBps": ADAM_BYTES * n / (adam.reference / 1e3) / 1e9,
@@ -327,10 +352,12 @@ def bench_tied(sizes: Sizes) -> list[Row]:
     del ost_model
     times = alternate(steps, sizes.step_repeats)
     unique = f"4 x {_count(sizes.tied_side**2)}"
+    shapes = f"{leaves(4, (sizes.tied_side, sizes.tied_side))} at 6 positions"
     return [
         compare(
             "b",
             f"half tied ({unique} unique, 6 positions): Adam step, donated",
+            shapes,
             times,
             "optax",
             0.8,
@@ -341,6 +368,7 @@ def bench_tied(sizes: Sizes) -> list[Row]:
             state_bytes[0] / 2**20,
             state_bytes[1] / 2**20,
             "MiB",
+            shapes,
             0.67,
             notes={"optstate_bytes": state_bytes[0], "optax_bytes": state_bytes[1]},
         ),
@@ -371,7 +399,10 @@ def bench_eager(sizes: Sizes) -> list[Row]:
         what = f"eager update, {sizes.small_leaves} leaves of {'x'.join(map(str, shape))}"
         notes = {"optstate_under_user_jit_ms": median_ms(times["optstate_user_jit"])}
         target = 1.5 if key == "c" else None
-        rows.append(compare(key, f"{what} / optax jitted", times, "optax_jit", target, **notes))
+        shapes = leaves(sizes.small_leaves, shape)
+        rows.append(
+            compare(key, f"{what} / optax jitted", shapes, times, "optax_jit", target, **notes)
+        )
         if key == "c":
             slow = alternate(
                 {"optax_eager": (lambda c, g=grads: eager(*c, g), (opt.init(model), model))},
@@ -385,6 +416,7 @@ def bench_eager(sizes: Sizes) -> list[Row]:
                     median_ms(times["optstate"]),
                     median_ms(slow["optax_eager"]),
                     "ms",
+                    shapes,
                 )
             )
     return rows
@@ -406,10 +438,18 @@ def bench_setup(sizes: Sizes) -> list[Row]:
     }
     first = alternate(steps, repeats=1, warmup=0)
     times = alternate(steps, sizes.setup_repeats, warmup=0)
-    leaves = f"{_count(sizes.setup_leaves)} leaves of {'x'.join(map(str, sizes.setup_shape))}"
+    many = f"{_count(sizes.setup_leaves)} leaves of {'x'.join(map(str, sizes.setup_shape))}"
+    shapes = leaves(sizes.setup_leaves, sizes.setup_shape)
     return [
-        compare("d", f"setup, {leaves} / optax.adam init", times, "optax", 0.25),
-        compare("d'", "setup, the first call in the process (compiles init)", first, "optax", None),
+        compare("d", f"setup, {many} / optax.adam init", shapes, times, "optax", 0.25),
+        compare(
+            "d'",
+            "setup, the first call in the process (compiles init)",
+            shapes,
+            first,
+            "optax",
+            None,
+        ),
     ]
 
 
@@ -492,26 +532,36 @@ def bench_train_step(sizes: Sizes) -> list[Row]:
     del steps
     gc.collect()
     size = f"tied {_count(v)} x {d} embedding"
+    shapes = f"({v}, {d}), ({d}, {d}), ({d},) float32; {sizes.tokens} tokens"
     notes = {f"{name}_live_bytes": b for name, b in memory.items()}
     plain = {"optstate": times["plain_jit"], "optax": times["optax"]}
     return [
-        compare("f", f"{size}: train step, ost.jit donated / optax jax.jit", times, "optax", 0.9),
+        compare(
+            "f",
+            f"{size}: train step, ost.jit donated / optax jax.jit",
+            shapes,
+            times,
+            "optax",
+            0.9,
+        ),
         Row(
             "f'",
             f"{size}: live bytes after {sizes.memory_steps} steps, ost.jit / optax",
             memory["optstate"] / 2**20,
             memory["optax"] / 2**20,
             "MiB",
+            shapes,
             0.55,
             notes=notes,
         ),
-        compare("f''", f"{size}: train step, plain jax.jit / optax", plain, "optax", None),
+        compare("f''", f"{size}: train step, plain jax.jit / optax", shapes, plain, "optax", None),
         Row(
             "f'''",
             f"{size}: live bytes, plain jax.jit / optax",
             memory["plain_jit"] / 2**20,
             memory["optax"] / 2**20,
             "MiB",
+            shapes,
             notes=notes,
         ),
     ]
@@ -520,8 +570,17 @@ def bench_train_step(sizes: Sizes) -> list[Row]:
 # -- the report -------------------------------------------------------------------------------
 
 
+def version(distribution: str) -> str:
+    """The installed version of ``distribution``, or ``"-"`` (torch is not needed here)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
 def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
+    """What the figures were measured on: the CPU as /proc/cpuinfo names it, the cores, the
+    backend and the versions."""
     cpu = platform.processor() or "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -536,8 +595,10 @@ def machine() -> dict[str, Any]:
         "devices": len(jax.devices()),
         "python": platform.python_version(),
         "jax": jax.__version__,
-        "optax": optax.__version__,
+        "jaxlib": version("jaxlib"),
         "numpy": np.__version__,
+        "optax": optax.__version__,
+        "torch": version("torch"),
     }
 
 
@@ -558,6 +619,115 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown(figures: dict[str, Any]) -> str:
+    """The table of a run as markdown, from the figures ``main`` returns (and ``--json`` stores):
+    a paragraph with the date, the machine and the versions, then one row per measure with its
+    leaf shapes. A function of the stored figures alone, so that a page's table can be checked
+    against them."""
+    m = figures["machine"]
+    quick = " --quick" if figures["quick"] else ""
+    only = "" if figures["only"] == "abcdef" else f" --only {figures['only']}"
+    head = (
+        f"Measured {figures['date']} by `python bench/run.py{quick}{only}` in "
+        f"{figures['seconds']:.0f} s, on {m['nproc']} cores of {m['cpu']} (as `/proc/cpuinfo` "
+        f"names it; jax's {m['backend']} backend, {m['devices']} device(s)), with Python "
+        f"{m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}, numpy {m['numpy']}, optax "
+        f"{m['optax']} and torch {m['torch']}. Times are medians; `ratio` is optstate's figure "
+        "over the reference's; `spread` gives the quartiles of the round-by-round ratios."
+    )
+    if figures["quick"]:
+        head += " Quick sizes: too small for the targets; a smoke test, not a measurement."
+    lines = [
+        head,
+        "",
+        "| row | measure | leaf shapes | optstate | reference | unit | ratio | spread | target "
+        "| result |",
+        "|---|---|---|---:|---:|---|---:|---|---|---|",
+    ]
+    for r in figures["rows"]:
+        target = "-" if r["target"] is None else f"<= {r['target']:g}"
+        quartiles = "-" if r["spread"] is None else f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}"
+        cells = [
+            r["key"],
+            _cell(r["what"]),
+            _cell(r["shapes"]),
+            f"{r['optstate']:.4g}",
+            f"{r['reference']:.4g}",
+            r["unit"],
+            f"{r['ratio']:.3f}",
+            quartiles,
+            target,
+            r["result"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, table: str) -> None:
+    """Write ``table`` to ``path``: between its markers if it has them, else as the whole file."""
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text or END in text:
+        start, end = text.find(BEGIN), text.find(END)
+        if text.count(BEGIN) != 1 or text.count(END) != 1 or end < start:
+            raise ValueError(
+                f"{path} must hold one {BEGIN} and, after it, one {END}; it holds "
+                f"{text.count(BEGIN)} and {text.count(END)}"
+                + (", the end marker first" if 0 <= end < start else "")
+            )
+        text = text[: start + len(BEGIN)] + "\n" + table + text[end:]
+    else:
+        text = table
+    path.write_text(text)
+
+
+def between_markers(text: str) -> str:
+    """The text ``write_markdown`` put between the markers of a page."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {BEGIN} ... {END} in the text")
+    return text[start + len(BEGIN) + 1 : end]
+
+
+def bar_chart(figures: dict[str, Any], path: Path) -> None:
+    """A PNG of a run's ratios (from the figures ``main`` returns), one bar per row, each with its
+    target: green where the ratio meets it, red where it misses, grey where there is none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = figures["rows"]
+    colours = {"PASS": "tab:green", "MISS": "tab:red", "info": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(rows) + 1.5), dpi=100)
+    y = np.arange(len(rows))[::-1]
+    ratios = [r["ratio"] for r in rows]
+    ax.barh(y, ratios, color=[colours[r["result"]] for r in rows], height=0.6)
+    for yi, r in zip(y, rows, strict=True):
+        right_of = max(r["ratio"], r["target"] or 0.0)  # beside the bar and its target's tick
+        ax.text(right_of, yi, f"  {r['ratio']:.3f}", va="center", fontsize=8)
+        if r["target"] is not None:
+            ax.plot([r["target"]] * 2, [yi - 0.42, yi + 0.42], color="black", linewidth=2.5)
+    ax.axvline(1.0, color="black", linestyle=":", linewidth=1)
+    ax.set_yticks(y, [f"{r['key']:4} {r['what']}" for r in rows], fontsize=7)
+    right = max(ratios + [r["target"] for r in rows if r["target"] is not None])
+    ax.set_xlim(0, 1.15 * right)
+    ax.set_xlabel("optstate / reference: time or bytes (lower is better); e: bandwidth / a copy's")
+    m = figures["machine"]
+    fig.suptitle(
+        f"bench/run.py{' --quick' if figures['quick'] else ''}, {figures['date']}: "
+        f"{m['nproc']} x {m['cpu']}, jax {m['jax']}, optax {m['optax']}\n"
+        "green: meets its target (black tick), red: misses it, grey: no target; dotted: parity",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _count(n: int) -> str:
     for size, suffix in ((2**20, "M"), (2**10, "K")):
         if n >= size and n % size == 0:
@@ -570,6 +740,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="PATH",
+        help=f"also write the table as markdown (between {BEGIN} and {END} if PATH has them)",
+    )
+    parser.add_argument(
+        "--figure", type=Path, metavar="PATH", help="also draw the ratios as a bar chart (PNG)"
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="PATH",
+        help="measure nothing: write --markdown and --figure from the figures --json stored",
+    )
+    parser.add_argument(
         "--only",
         metavar="GROUPS",
         default="abcdef",
@@ -579,8 +764,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run every measurement, print the table, and return (and with --json write) the figures."""
+    """Measure (or read ``--from-json``), write what the options ask for, return the figures."""
     args = parse_args(argv)
+    if args.from_json is not None:
+        figures: dict[str, Any] = json.loads(args.from_json.read_text())
+    else:
+        figures = measure(args)
+    if args.json is not None and args.json != args.from_json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    if args.markdown is not None:
+        write_markdown(args.markdown, markdown(figures))
+    if args.figure is not None:
+        bar_chart(figures, args.figure)
+    return figures
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the measurements the arguments ask for, print the table, and return the figures."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sizes = QUICK if args.quick else Sizes()
     info = machine()
     print(
@@ -609,16 +810,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     print(f"({seconds:.0f} s; ratio = optstate / reference, medians; spread = quartiles of the ")
     print(" round-by-round ratios; e is a fraction of the machine's streaming limit, no target)")
-    figures = {
+    return {
+        "date": date,
         "machine": info,
         "quick": args.quick,
+        "only": args.only,
         "sizes": asdict(sizes),
         "seconds": seconds,
         "rows": [{**asdict(r), "ratio": r.ratio, "result": r.verdict} for r in rows],
     }
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return figures
 
 
 if __name__ == "__main__":

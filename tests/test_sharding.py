@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,7 +34,6 @@ from optstate._setup import _COMPILED_INIT_MIN_GROUP
 ROOT = Path(__file__).resolve().parents[1]
 DATA_PARALLEL = ROOT / "examples" / "data_parallel.py"
 MULTIPROCESS = ROOT / "examples" / "multiprocess.py"
-BENCH = ROOT / "bench" / "run.py"
 LR = 1e-2
 
 
@@ -431,27 +429,3 @@ def test_multiprocess_example_on_localhost(tmp_path: Path) -> None:
     assert figures["same_weights_everywhere"] is True
     assert figures["tied_after_retie"] is True
     assert figures["tie_drift"] == 0.0
-
-
-# -- the benchmark -----------------------------------------------------------------------------
-
-
-def test_benchmark_quick_run_prints_the_table(tmp_path: Path) -> None:
-    """Only that it runs and reports every row: targets are the benchmark's business."""
-    out_json = tmp_path / "bench.json"
-    out = run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out_json)], devices=1, timeout=300
-    )
-    figures = json.loads(out_json.read_text())
-    rows = {row["key"]: row for row in figures["rows"]}
-    assert set(rows) == {"a", "a'", "b", "b'", "c", "c'", "c''", "d", "d'", "e"} | {
-        "f" + "'" * primes for primes in range(4)
-    }
-    for key, row in rows.items():
-        assert f"\n{key:3} " in out
-        assert math.isfinite(row["ratio"])
-        assert row["ratio"] > 0
-        assert row["result"] == ("info" if row["target"] is None else row["result"])
-        assert row["result"] in {"PASS", "MISS", "info"}
-    assert rows["b'"]["target"] == 0.67
-    assert figures["machine"]["jax"] == jax.__version__
