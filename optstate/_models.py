@@ -18,12 +18,11 @@ __all__ = [
     "GradientForm",
     "ModelKind",
     "TensorHooks",
-    "check_gradients",
     "model_kind",
     "positions",
-    "prepare_gradients",
     "register",
     "structural",
+    "tensor_hooks",
 ]
 
 
@@ -96,17 +95,6 @@ def structural(grads: Any, model: Any) -> Any:
     return grads if form is None else form.to_tree(grads, model)
 
 
-def _hooks(bases: list[Any]) -> TensorHooks | None:
+def tensor_hooks(bases: list[Any]) -> TensorHooks | None:
+    """The hooks of the library whose arrays ``bases`` (a model's parameters) are, if any."""
     return next((h for h in _HOOKS if any(h.owns(b) for b in bases)), None)
-
-
-def prepare_gradients(bases: list[Any], model: Any, grads: Any) -> Any:
-    """The tensor library's reading of ``grads`` before they are paired with positions."""
-    hooks = _hooks(bases)
-    return grads if hooks is None else hooks.prepare(model, grads)
-
-
-def check_gradients(plan: Any, bases: list[Any], per_position: list[Any], model: Any) -> list[Any]:
-    """The tensor library's checks of the gradients per position (and their dense form)."""
-    hooks = _hooks(bases)
-    return per_position if hooks is None else hooks.check(plan, bases, per_position, model)

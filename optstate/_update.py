@@ -212,8 +212,13 @@ def step(
     # The very arrays of the last step: only what can change in place in them is checked again.
     if not verified or not _positions.unchanged(plan, leaves, bases):
         _positions.check_model(plan, leaves, bases, model)
-    grads = _models.prepare_gradients(bases, model, _models.structural(grads, model))
-    per_position = _models.check_gradients(plan, bases, gather(plan.treedef, model, grads), model)
+    grads = _models.structural(grads, model)
+    hooks = _models.tensor_hooks(bases)  # torch's, for a model of tensors
+    if hooks is not None:
+        grads = hooks.prepare(model, grads)
+    per_position = gather(plan.treedef, model, grads)
+    if hooks is not None:
+        per_position = hooks.check(plan, bases, per_position, model)
     layout, given = _positions.layout(plan, bases, per_position, model)
 
     active = _apply.active_params(plan, layout)
