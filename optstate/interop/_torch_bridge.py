@@ -16,13 +16,14 @@ from .._state import Plan, State
 from .._ties import find_ties
 from .._update import step
 from .._walk import flatten, path_string, path_strings, unwrap, wrap
-from ._dtensor import check_not_dtensor
+from ._dtensor import check_not_dtensor, dtensor_type
 
 __all__ = [
     "check_partials",
     "checked_gradients",
     "grad_totals",
     "named_grads",
+    "named_parameters",
     "parameters",
     "update_module",
 ]
@@ -56,17 +57,24 @@ def parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    return _no_dtensors(named_parameters(module))
+
+
+def named_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``parameters`` without its checks: the walk each step makes of a module that ``setup``
+    (through ``parameters``) has read already."""
     if type(module).named_parameters is not _NAMED_PARAMETERS:
-        return _no_dtensors(dict(module.named_parameters(remove_duplicate=False)))
+        return dict(module.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
     if not _named(module, "", out):  # a module that walks its children its own way
-        return _no_dtensors(dict(module.named_parameters(remove_duplicate=False)))
-    return _no_dtensors(out)
+        return dict(module.named_parameters(remove_duplicate=False))
+    return out
 
 
 def _no_dtensors(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for name, p in params.items():
-        check_not_dtensor(p, f"model[{name!r}]")
+    if dtensor_type() is not None:  # only once torch's DTensor module is in use
+        for name, p in params.items():
+            check_not_dtensor(p, f"model[{name!r}]")
     return params
 
 
@@ -127,7 +135,7 @@ def grad_totals(model: nn.Module | Any) -> Any:
         TieError: two tensors overlap in memory in a way that is not a tie (as in ``setup``).
     """
     if isinstance(model, nn.Module):
-        named = parameters(model)
+        named = named_parameters(model)
         if not any(p._base is not None for p in named.values()):
             # Parameters that are no views share no memory: a tie is one Parameter object at
             # several names, and each is a leaf with its own .grad (the fast path of every step).
@@ -138,7 +146,7 @@ def grad_totals(model: nn.Module | Any) -> Any:
                 given.add(id(p))
                 totals[name] = p.grad if first else None
             return totals
-    tree = parameters(model) if isinstance(model, nn.Module) else model
+    tree = named_parameters(model) if isinstance(model, nn.Module) else model
     leaves, treedef = flatten(tree)
     slots, _ = find_ties(leaves, lambda: path_strings(tree))
     tensors = [unwrap(leaf) for leaf in leaves]
@@ -175,7 +183,7 @@ def update_module(
     """``update`` (``in_place=False``) or ``update_`` on an ``nn.Module``: the module read as its
     named-parameter dict, ``grads`` a dict by name. Returns ``(state, new_parameters_dict)`` or,
     in place, ``(state, module)``."""
-    params = parameters(module)
+    params = named_parameters(module)
     by_name = _by_name(params, grads)
     if in_place and not torch.is_inference_mode_enabled():
         for name, p in params.items():
