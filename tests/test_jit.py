@@ -17,6 +17,7 @@ import pytest
 from compiles import counting_compiles
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tied_reference import G_M, G_T, G_V, MAT, T3_DESCENT, T3B_A
 
 import optstate as ost
 
@@ -220,27 +221,6 @@ def test_keyword_arguments_donated_and_static_by_name():
 
 
 # -- the tied cases of the reference, under ost.jit -----------------------------------------------
-
-MAT = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-G_M = np.array(
-    [
-        [61.429589241, 67.8704371343, 73.1329930453],
-        [150.9852020064, 166.8158909671, 179.7505056554],
-    ]
-)
-G_T = np.array(
-    [
-        [37.2190496747, 3.7219049675],
-        [39.2807743407, 3.9280774341],
-        [40.6552574514, 4.0655257451],
-    ]
-)
-G_V = np.array([37.2190496747, 39.2807743407, 40.6552574514])
-T3_DESCENT = [
-    [-8.8648638916, -8.7151211475, -8.3788250497],
-    [-11.4707106974, -12.0743968401, -12.3816031401],
-]
-T3B_A = [[-15737.312, -46826.972], [-19230.604, -58134.28], [-22723.896, -69441.588]]
 
 
 @jax.tree_util.register_dataclass

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tied_reference import G_M, G_T, G_V, MAT, T3_DESCENT, T3B_A
 
 import optstate as ost
 
@@ -112,26 +113,6 @@ def test_t2_three_depths(backend):
 
 # -- T3: a weight and its lazy transpose -------------------------------------------------------
 
-MAT = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-G_M = np.array(
-    [
-        [61.429589241, 67.8704371343, 73.1329930453],
-        [150.9852020064, 166.8158909671, 179.7505056554],
-    ]
-)
-G_T = np.array(
-    [
-        [37.2190496747, 3.7219049675],
-        [39.2807743407, 3.9280774341],
-        [40.6552574514, 4.0655257451],
-    ]
-)
-G_V = np.array([37.2190496747, 39.2807743407, 40.6552574514])
-T3_DESCENT = [
-    [-8.8648638916, -8.7151211475, -8.3788250497],
-    [-11.4707106974, -12.0743968401, -12.3816031401],
-]
-
 
 def t3_model(transpose=ost.Transpose):
     mat = MAT.copy()
@@ -204,7 +185,7 @@ def test_t3b_transposed_position_first():
     }
     state = ost.setup(ost.Descent(0.1), tri)
     _, new = ost.update(state, tri, g)
-    expected_a = [[-15737.312, -46826.972], [-19230.604, -58134.28], [-22723.896, -69441.588]]
+    expected_a = T3B_A
     close(np.asarray(new["a"]), expected_a)
     close(new["b"], np.asarray(expected_a).T)
     assert new["a"].parent is new["b"] is new["c"].parent
@@ -223,7 +204,7 @@ def test_t3b_gradients_from_jax_grad():
         g = jax.grad(loss)(tri, 4.0)
         state = ost.setup(ost.Descent(0.1), tri)
         _, new = ost.update(state, tri, g)
-        expected_a = [[-15737.312, -46826.972], [-19230.604, -58134.28], [-22723.896, -69441.588]]
+        expected_a = T3B_A
         close(jnp.asarray(new["a"]), expected_a)
         assert new["a"].parent is new["b"] is new["c"].parent
 

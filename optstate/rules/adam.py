@@ -81,10 +81,8 @@ class Adam(Rule):
     ``torch.optim.Adam`` and ``optax.adam`` (whose arithmetic agrees); for complex parameters
     :math:`v` is real, as in optax.
 
-    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
-    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md);
-    on contiguous torch tensors of one device and one float dtype (16-bit included) with
-    moments in that dtype, where this rule is the step's only one, with torch's fused kernel
+    ``update_`` on contiguous torch tensors of one device and one float dtype (16-bit included)
+    with moments in that dtype, where this rule is the step's only one, runs torch's fused kernel
     (``torch._fused_adam_``, as ``torch.optim.Adam(fused=True)``; see docs/pytorch.md).
 
     Args:
@@ -143,9 +141,7 @@ class AdamW(Rule):
     ``weight_decay``; the decay acts on the parameter, not through the moments. Reproduces
     ``torch.optim.AdamW`` (default ``weight_decay=1e-2``) and ``optax.adamw``.
 
-    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
-    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md);
-    where the tensors allow it (see ``Adam``), with torch's fused kernel
+    ``update_``, where the tensors allow it (see ``Adam``), runs torch's fused kernel
     (``torch._fused_adamw_``, as ``torch.optim.AdamW(fused=True)``).
 
     Args:

@@ -18,9 +18,6 @@ class Descent(Rule):
 
     with :math:`\eta` = ``lr``. Reproduces ``torch.optim.SGD(lr)`` and ``optax.sgd(lr)``.
 
-    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
-    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
-
     Args:
         lr: the learning rate :math:`\eta`.
 
@@ -59,9 +56,6 @@ class Momentum(Rule):
     the arithmetic of ``torch.optim.SGD(lr, momentum)`` (``dampening=0``) and of
     ``optax.sgd(lr, momentum)``, which this rule reproduces. With a constant learning rate it equals
     Optimisers.jl's form ``v = mu v + lr g; p -= v``.
-
-    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
-    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
 
     Args:
         lr: the learning rate :math:`\eta`.
@@ -106,9 +100,6 @@ class Nesterov(Rule):
     with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` and :math:`b` starting at zero.
     Reproduces ``torch.optim.SGD(lr, momentum, nesterov=True)`` and
     ``optax.sgd(lr, momentum, nesterov=True)``.
-
-    ``update_`` on writable float32 or float64 NumPy arrays or torch tensors runs this rule in
-    place, in the order of operations of the ``torch.optim`` foreach step (see docs/rules.md).
 
     Args:
         lr: the learning rate :math:`\eta`.
