@@ -121,7 +121,9 @@ def build(skeleton, leaves, for_grads=False):
         if for_grads and none_branch:
             return None
         if kind == "dict":
-            return {f"k{i}": c for i, c in enumerate(built)}
+            # Keys that sort as they were made: the positions are listed in that order, and
+            # pytrees flatten a dict by sorted key ("k10" would come before "k2").
+            return {f"k{i:04d}": c for i, c in enumerate(built)}
         return built if kind == "list" else tuple(built)
 
     tree = go(skeleton)
