@@ -149,7 +149,9 @@ def _summed(
         if orient is ABSENT:
             continue
         i = index[plan.slots[pos].param]  # type: ignore[union-attr]
-        g = _arrays.permute(_arrays.coerce(next(given), bases[i]), _arrays.inverse(orient))
+        g = _arrays.coerce(next(given), bases[i])
+        if orient is not None:
+            g = _arrays.permute(g, _arrays.inverse(orient))
         sums[i] = g if sums[i] is None else _arrays.as_array(sums[i] + g, g)  # 0-d stays an array
     return index, sums
 

@@ -18,7 +18,8 @@ import numpy as np
 from . import _apply, _arrays, _models, _positions
 from ._errors import StructureError
 from ._state import Plan, State, plan_of
-from ._walk import flatten, gather, path_string, unwrap
+from ._transpose import Transpose
+from ._walk import flatten, gather, path_string
 from .rules._contract import increment
 
 
@@ -177,7 +178,7 @@ def retie(state: State, model: Any) -> Any:
     model = _models.positions(model)
     leaves, treedef = flatten(model)
     _positions.check_structure(plan, treedef, model)
-    bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
+    bases = _bases(plan, leaves)
     viewed = {s.param for s in plan.slots if s is not None and s.perm is not None}
     for k in viewed:
         if _arrays.is_jax(bases[k]) and not _arrays.is_tracer(bases[k]):
@@ -207,7 +208,7 @@ def step(
     plan = plan_of(state, "update(state, model, grads)")
     leaves, treedef = flatten(model)
     _positions.check_structure(plan, treedef, model)
-    bases = [unwrap(leaves[p.primary])[0] for p in plan.params]
+    bases = _bases(plan, leaves)
     verified = _returned_with(state, leaves)
     # The very arrays of the last step: only what can change in place in them is checked again.
     if not verified or not _positions.unchanged(plan, leaves, bases):
@@ -266,8 +267,20 @@ def step(
     if compiled and len(active) == _apply.n_trained(plan):  # every array came out of the step
         new_state._verified = _references(new_leaves)
     elif in_place and not compiled and not any(changed):  # the model's own arrays, checked
-        new_state._verified = _references(new_leaves, mutable=True)
+        # (the very arrays of the last step again: its references hold)
+        new_state._verified = state._verified if verified else _references(leaves, mutable=True)
     return new_state, treedef.unflatten(new_leaves)
+
+
+def _bases(plan: Plan, leaves: list[Any]) -> list[Any]:
+    """Each parameter's array: the one at its first direct position, ``Transpose`` unwrapped."""
+    bases = []
+    for param in plan.params:
+        x = leaves[param.primary]
+        while isinstance(x, Transpose):
+            x = x.parent
+        bases.append(x)
+    return bases
 
 
 def _write_back(

@@ -55,7 +55,7 @@ def nesting(tree: Any, stop_above: int | None = None) -> int:
             children = node
         elif kind is Transpose:
             children = [node.parent]
-        elif node is None or isinstance(node, _NO_CHILDREN) or is_torch(node):
+        elif node is None or _childless(node):
             continue
         else:  # any other registered node, ``Transpose`` included: one level of its children
             children = _one_level(node)
@@ -66,10 +66,23 @@ def nesting(tree: Any, stop_above: int | None = None) -> int:
             deepest = depth
             if stop_above is not None and depth > stop_above:
                 return depth
-        stack.extend(
-            (c, depth) for c in children if not (isinstance(c, _NO_CHILDREN) or is_torch(c))
-        )
+        stack.extend((c, depth) for c in children if not _childless(c))
     return deepest
+
+
+def _childless(x: Any) -> bool:
+    """``x`` is an array or a number: no pytree node. Decided once per type (a model's leaves
+    are of a few types, and this runs for every leaf of every flattening)."""
+    kind = type(x)
+    known = _CHILDLESS.get(kind)
+    if known is None:
+        known = isinstance(x, _NO_CHILDREN) or is_torch(x)
+        if known or sys.modules.get("torch") is not None:  # (torch.Tensor known from then on)
+            _CHILDLESS[kind] = known
+    return known
+
+
+_CHILDLESS: dict[type, bool] = {}
 
 
 def _one_level(node: Any) -> list[Any]:

@@ -149,3 +149,34 @@ def test_where_the_tensors_do_not_allow_it_the_foreach_form_runs(calls: dict[str
     state = ost.setup(ost.Adam(LR), model)
     ost.update_(state, model, {"u": model["v"], "v": torch.ones(2)})
     assert calls["_fused_adam_"] == 0
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_counts_past_float32s_integers_step_as_torch_optims(
+    name: str, calls: dict[str, int]
+) -> None:
+    """On the CPU the kernel reads optstate's int32 counts as they are. Past 2**24 float32 no
+    longer holds every integer (torch.optim's float32 step stops counting at 2**24): optstate's
+    counts stay exact, and equal torch.optim given exact (float64) steps."""
+    rule, kernel = RULES[name]
+    ours = TiedLM(0).double()
+    ref = copy.deepcopy(ours)
+    opt = TORCH[name](list(ref.parameters()))
+    state = ost.setup(rule, ours)
+    far = 2**24 + 5  # float32: 2**24 + 4
+    for step in range(3):
+        x = torch.randint(0, 11, (8,), generator=torch.Generator().manual_seed(step))
+        for module in (ours, ref):
+            module.zero_grad()
+            module(x).logsumexp(-1).sum().backward()
+        state, ours = ost.update_(state, ours, ost_torch.grad_totals(ours))
+        opt.step()
+        if step == 0:  # both as if 2**24 + 5 steps had been taken
+            for s in state.states:
+                s.count.fill_(far)
+            for s in opt.state.values():
+                s["step"] = torch.tensor(float(far), dtype=torch.float64)
+    assert calls[kernel] == 6
+    assert [int(s.count) for s in state.states] == [far + 2] * len(state.states)
+    for (key, mine), theirs in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-13, atol=1e-15, msg=key)

@@ -14,6 +14,7 @@ from .. import _arrays
 from .._errors import StructureError
 from .._state import Plan, State
 from .._ties import find_ties
+from .._transpose import Transpose
 from .._update import step
 from .._walk import flatten, path_string, path_strings, unwrap, wrap
 from ._dtensor import check_not_dtensor, dtensor_type
@@ -204,6 +205,8 @@ def _by_name(
     """A module's gradients as a dict over all its parameter names, ``None`` where none is given."""
     if grads is None:
         return dict.fromkeys(params)
+    if type(grads) is dict and grads.keys() == params.keys():  # (grad_totals' own dict)
+        return grads
     if not isinstance(grads, Mapping):
         raise TypeError(
             "the gradients of an nn.Module are a dict from its parameter names to tensors (what "
@@ -228,13 +231,11 @@ def named_grads(model: Any, grads: Any) -> Any:
     ``None``), and a tied name missing beside its twin adds nothing to the twin's gradient.
     Any other model, and a gradient that is not a dict, is returned as it is (its structure is
     checked against the model's by ``update``)."""
-    if not (
-        isinstance(model, Mapping)
-        and isinstance(grads, Mapping)
-        and all(isinstance(k, str) and _arrays.is_torch(v) for k, v in model.items())
-    ):
+    if not (isinstance(model, Mapping) and isinstance(grads, Mapping)):
         return grads
-    if all(name in grads for name in model):
+    if model.keys() <= grads.keys():  # every name given (the module's own path comes here)
+        return grads
+    if not all(isinstance(k, str) and _arrays.is_torch(v) for k, v in model.items()):
         return grads
     return _by_name(model, grads, "the model")
 
@@ -251,9 +252,10 @@ def checked_gradients(
     algorithm)."""
     check_partials(plan, bases, per_position, model)
     out = per_position
+    tensor, strided = torch.Tensor, torch.strided
     for pos, leaf in enumerate(per_position):
-        g, depth = unwrap(leaf)
-        if not isinstance(g, torch.Tensor):
+        g, depth = unwrap(leaf) if isinstance(leaf, Transpose) else (leaf, 0)
+        if not isinstance(g, tensor):
             continue
         if g.is_meta:
             raise ValueError(
@@ -261,7 +263,7 @@ def checked_gradients(
                 f"device ({g.dtype}{list(g.shape)}), which has no values; compute it on the "
                 "parameter's device"
             )
-        if g.layout != torch.strided:
+        if g.layout is not strided:
             if out is per_position:
                 out = list(per_position)
             out[pos] = wrap(g.to_dense(), depth)

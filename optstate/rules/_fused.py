@@ -10,7 +10,8 @@ only one (the kernel's one call is then the step's only write, so a failure chan
 The kernels are called as ``torch.optim`` calls them: ``maximize=False``, ``amsgrad=False``, no
 ``grad_scale`` or ``found_inf``, and the step counts as float tensors on the parameters' device,
 counted one up before the call (torch adds one to its own counts before the kernel). optstate's
-counts are int32 tensors: they are raised by one before the call and lowered again if it fails.
+counts are int32 tensors: they are raised by one before the call and lowered again if it fails;
+the CPU kernels take them as they are, other devices' as float32 copies.
 torch is never imported here: only used once the program has imported it.
 """
 
@@ -39,22 +40,28 @@ def fits(
     dtype = params[0].dtype
     if dtype not in _dtypes(torch) or torch.is_inference_mode_enabled():
         return False
-    device = params[0].device
     tensor = torch.Tensor
     written = [*params, *(x for kind in moments for x in kind)]
-    cpu = params[0].is_cpu  # the common case, tested without making device objects
-    every = (*written, *grads)
-    if not all(isinstance(x, tensor) for x in every):
-        return False
-    # (A sparse tensor is not contiguous; real dtypes have no conjugate or negative bit.)
-    if cpu:
-        if not all(x.dtype is dtype and x.is_contiguous() and x.is_cpu for x in every):
-            return False
-    elif not all(x.dtype is dtype and x.is_contiguous() and x.device == device for x in every):
-        return False
+    # One pass over every tensor (a sparse tensor is not contiguous; real dtypes have no
+    # conjugate or negative bit). The CPU, the common case, is tested without device objects.
+    if params[0].is_cpu:
+        for x in (*written, *grads):
+            if not (isinstance(x, tensor) and x.dtype is dtype and x.is_contiguous() and x.is_cpu):
+                return False
+    else:
+        device = params[0].device
+        for x in (*written, *grads):
+            if not (
+                isinstance(x, tensor)
+                and x.dtype is dtype
+                and x.is_contiguous()
+                and x.device == device
+            ):
+                return False
     if any(p.is_inference() for p in params):  # written only in inference mode
         return False
-    if not all(isinstance(c, tensor) and c.dtype is torch.int32 for c in counts):
+    int32 = torch.int32
+    if not all(isinstance(c, tensor) and c.dtype is int32 for c in counts):
         return False
     keys = {x.untyped_storage().data_ptr() for x in written}
     return len(keys) == len(written) and keys.isdisjoint(
@@ -63,8 +70,12 @@ def fits(
 
 
 def _steps(counts: list[Any], device: Any) -> list[Any]:
-    """The counts after this step as float32 tensors on ``device`` (one tensor per distinct
-    count, shared: the kernel only reads them)."""
+    """The counts after this step as the kernel reads them. The CPU kernels read each step
+    tensor as a number whatever its dtype, so there the int32 counts are passed as they are
+    (tests/test_fused.py checks them against torch.optim, past 2**24 included). Other devices'
+    kernels read float32 tensors on ``device``: one is made per distinct count, and shared."""
+    if device.type == "cpu":
+        return counts
     torch = sys.modules["torch"]
     made: dict[int, Any] = {}
     out = []
