@@ -114,12 +114,14 @@ def unchanged(plan: Plan, leaves: list[Any], bases: list[Any]) -> bool:
     for param, base in zip(plan.params, bases, strict=True):
         if base.dtype != param.dtype or base.shape != param.shape or _arrays.unusable(base):
             return False
-    return all(
-        not _arrays.is_trainable(x)  # (an integer tensor given a float .data is one now)
-        if slot is None
-        else slot.perm is None or _arrays.same_view(bases[slot.param], x, slot.perm)
-        for slot, x in zip(plan.slots, leaves, strict=True)
-    )
+    for pos in plan.checked:  # positions that are no parameter's own array
+        slot, x = plan.slots[pos], leaves[pos]
+        if slot is None:
+            if _arrays.is_trainable(x):  # (an integer tensor given a float .data is one now)
+                return False
+        elif not _arrays.same_view(bases[slot.param], x, slot.perm):
+            return False
+    return True
 
 
 def layout(
@@ -128,14 +130,11 @@ def layout(
     """Which positions carry a gradient to use, in what orientation, and those gradients."""
     layout: list[Any] = [_apply.ABSENT] * len(per_position)
     given = []
-    for pos, slot in enumerate(plan.slots):
+    for pos, slot in plan.trained:
         g = per_position[pos]
-        if slot is None or g is None:
+        if g is None:
             continue
-        k = slot.param
-        if plan.frozen[k] or plan.param_rules[k] < 0:
-            continue
-        base = bases[k]
+        base = bases[slot.param]
         if (
             not slot.depth
             and slot.perm is None

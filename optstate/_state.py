@@ -32,6 +32,7 @@ class Plan:
 
     __slots__ = (
         "_hash",
+        "checked",
         "frozen",
         "groups",
         "param_rules",
@@ -39,6 +40,7 @@ class Plan:
         "params",
         "rules",
         "slots",
+        "trained",
         "treedef",
     )
 
@@ -66,6 +68,17 @@ class Plan:
         )
         self.groups = tuple(  # per group: its parameters
             tuple(k for k, r in enumerate(param_rules) if r == i) for i in range(len(rules))
+        )
+        # Derived, for the per-step loops: the positions whose gradient trains a parameter (with
+        # their slots), and those whose leaf is not a parameter's own array (no parameter, or a
+        # view of one), which a step checks again.
+        self.trained = tuple(
+            (pos, slot)
+            for pos, slot in enumerate(slots)
+            if slot is not None and not self.frozen[slot.param] and param_rules[slot.param] >= 0
+        )
+        self.checked = tuple(
+            pos for pos, slot in enumerate(slots) if slot is None or slot.perm is not None
         )
         self._hash = hash(self._key())
 

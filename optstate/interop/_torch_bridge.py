@@ -136,16 +136,20 @@ def grad_totals(model: nn.Module | Any) -> Any:
         TieError: two tensors overlap in memory in a way that is not a tie (as in ``setup``).
     """
     if isinstance(model, nn.Module):
-        named = named_parameters(model)
-        if not any(p._base is not None for p in named.values()):
-            # Parameters that are no views share no memory: a tie is one Parameter object at
-            # several names, and each is a leaf with its own .grad (the fast path of every step).
-            given: set[int] = set()
-            totals: dict[str, Any] = {}
-            for name, p in named.items():
-                first = id(p) not in given
-                given.add(id(p))
-                totals[name] = p.grad if first else None
+        # Parameters that are no views share no memory: a tie is one Parameter object at several
+        # names, and each is a leaf with its own .grad (the fast path of every step).
+        given: set[int] = set()
+        totals: dict[str, Any] = {}
+        for name, p in named_parameters(model).items():
+            if p._base is not None:  # a view: the general walk below
+                break
+            key = id(p)
+            if key in given:
+                totals[name] = None
+            else:
+                given.add(key)
+                totals[name] = p.grad
+        else:
             return totals
     tree = named_parameters(model) if isinstance(model, nn.Module) else model
     leaves, treedef = flatten(tree)
