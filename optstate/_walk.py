@@ -104,6 +104,10 @@ def _flatten_safely(fn: Callable[..., Any], tree: Any) -> Any:
     """``fn(tree, is_leaf=is_transpose)`` for a jax flattening function ``fn``, at any depth."""
     limit = sys.getrecursionlimit()
     depth = nesting(tree, stop_above=limit)
+    if depth <= 1 and not isinstance(tree, Transpose):
+        # A leaf, or one node of arrays and numbers (a model's flat dict of tensors): no
+        # ``Transpose`` inside, so jax's flattening needs no ``is_leaf`` call per leaf.
+        return fn(tree)
     room = limit - depth - _MARGIN  # the caller's frames must leave this many levels free
     if room > 0 and not _frames_exceed(room):
         return fn(tree, is_leaf=is_transpose)

@@ -180,3 +180,63 @@ def test_counts_past_float32s_integers_step_as_torch_optims(
     assert [int(s.count) for s in state.states] == [far + 2] * len(state.states)
     for (key, mine), theirs in zip(ours.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-13, atol=1e-15, msg=key)
+
+
+def _stepped_together(change: Any, calls: dict[str, int]) -> tuple[TiedLM, TiedLM, dict[str, int]]:
+    """Three Adam steps of optstate's update_ and of torch.optim.Adam on one tied module in
+    float64, ``change(module, state)`` applied to optstate's side after the first (returning
+    the state to go on with)."""
+    ours = TiedLM(0).double()  # (float64: the two agree to rounding, 1e-12)
+    ref = copy.deepcopy(ours)
+    opt = torch.optim.Adam(ref.parameters(), lr=LR, foreach=False)
+    state = ost.setup(ost.Adam(LR), ours)
+    fused = []
+    for step in range(3):
+        x = torch.randint(0, 11, (8,), generator=torch.Generator().manual_seed(step))
+        for module in (ours, ref):
+            module.zero_grad()
+            module(x).logsumexp(-1).sum().backward()
+        before = calls["_fused_adam_"]
+        # (contiguous gradients: autograd gives a non-contiguous Parameter a .grad of its strides)
+        totals = {
+            k: None if g is None else g.contiguous() for k, g in ost_torch.grad_totals(ours).items()
+        }
+        state, ours = ost.update_(state, ours, totals)
+        fused.append(calls["_fused_adam_"] - before)
+        opt.step()
+        if step == 0:
+            state = change(ours, state)
+    return ours, ref, {"fused steps": sum(fused), "first": fused[0]}
+
+
+def test_a_parameter_made_non_contiguous_in_place_is_seen(calls: dict[str, int]) -> None:
+    """The model's tensors are checked at every step: a Parameter given non-contiguous memory
+    (``.data = ...``, the same object) after a fused step is stepped without the kernel."""
+
+    def transpose_memory(module: TiedLM, state: Any) -> Any:
+        w = module.mix.weight
+        w.data = w.data.t().contiguous().t()  # the same values, column-major
+        assert not w.is_contiguous()
+        return state
+
+    ours, ref, fused = _stepped_together(transpose_memory, calls)
+    assert fused == {"fused steps": 1, "first": 1}
+    for (key, mine), theirs in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14, msg=key)
+
+
+def test_a_state_with_other_tensors_is_checked_again(calls: dict[str, int]) -> None:
+    """A rule state's tensors are checked once and then known by reference: a copy of the state
+    holds other tensors, which are checked (here one moment of the copy is non-contiguous)."""
+
+    def copy_with_a_column_major_moment(module: TiedLM, state: Any) -> Any:
+        copied = copy.deepcopy(state)
+        mu = next(s.mu for s in copied.states if s.mu.ndim == 2 and s.mu.shape == (6, 6))
+        mu.set_(mu.t().contiguous().t())
+        assert not mu.is_contiguous()
+        return copied
+
+    ours, ref, fused = _stepped_together(copy_with_a_column_major_moment, calls)
+    assert fused == {"fused steps": 1, "first": 1}
+    for (key, mine), theirs in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14, msg=key)

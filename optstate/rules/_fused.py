@@ -18,8 +18,9 @@ torch is never imported here: only used once the program has imported it.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _inplace
 
@@ -33,40 +34,102 @@ def fits(
     parameters, their gradients and every moment, ``moments`` holding one list per kind),
     dense and contiguous, writable; int32 step counts; and no memory shared between a gradient
     and what the kernel writes, nor between two written tensors (the kernel reads each element
-    once, so it must not be written by the step before it is read)."""
+    once, so it must not be written by the step before it is read).
+
+    The parameters and gradients are checked at every call (the model's tensors are the user's to
+    change between steps). A rule state's tensors, its moments and counts, are its own: they are
+    checked the first time they are seen, and afterwards recognised (by weak reference) as the
+    same tensors, which the kernel wrote in place (``_state_storages``)."""
     torch = sys.modules.get("torch")
     if torch is None or not params or not isinstance(params[0], torch.Tensor):
         return False
     dtype = params[0].dtype
     if dtype not in _dtypes(torch) or torch.is_inference_mode_enabled():
         return False
-    tensor = torch.Tensor
-    written = [*params, *(x for kind in moments for x in kind)]
-    # One pass over every tensor (a sparse tensor is not contiguous; real dtypes have no
-    # conjugate or negative bit). The CPU, the common case, is tested without device objects.
-    if params[0].is_cpu:
-        for x in (*written, *grads):
-            if not (isinstance(x, tensor) and x.dtype is dtype and x.is_contiguous() and x.is_cpu):
-                return False
-    else:
-        device = params[0].device
-        for x in (*written, *grads):
-            if not (
-                isinstance(x, tensor)
-                and x.dtype is dtype
-                and x.is_contiguous()
-                and x.device == device
-            ):
-                return False
+    device = None if params[0].is_cpu else params[0].device  # (the CPU: no device objects)
+    if not _all_fit(torch, (*params, *grads), dtype, device):
+        return False
     if any(p.is_inference() for p in params):  # written only in inference mode
         return False
-    int32 = torch.int32
-    if not all(isinstance(c, tensor) and c.dtype is int32 for c in counts):
+    state = _state_storages(torch, [x for kind in moments for x in kind], counts, dtype, device)
+    if state is None:
         return False
-    keys = {x.untyped_storage().data_ptr() for x in written}
-    return len(keys) == len(written) and keys.isdisjoint(
-        g.untyped_storage().data_ptr() for g in grads
+    written = {p.untyped_storage().data_ptr() for p in params}
+    if len(written) != len(params) or not written.isdisjoint(state):
+        return False
+    read = {g.untyped_storage().data_ptr() for g in grads}
+    return written.isdisjoint(read) and state.isdisjoint(read)
+
+
+def _all_fit(torch: Any, tensors: Sequence[Any], dtype: Any, device: Any) -> bool:
+    """Torch tensors of ``dtype``, contiguous, on ``device`` (``None``: the CPU). (A sparse
+    tensor is not contiguous; real dtypes have no conjugate or negative bit.)"""
+    tensor = torch.Tensor
+    if device is None:
+        return all(
+            isinstance(x, tensor) and x.dtype is dtype and x.is_contiguous() and x.is_cpu
+            for x in tensors
+        )
+    return all(
+        isinstance(x, tensor) and x.dtype is dtype and x.is_contiguous() and x.device == device
+        for x in tensors
     )
+
+
+class _Checked(NamedTuple):
+    """A rule state's tensors that fit the kernel, and their storages."""
+
+    refs: tuple[weakref.ref[Any], ...]  # the moments, then the counts
+    dtype: Any
+    device: Any
+    storages: frozenset[int]  # the moments'
+
+
+# Checked rule states, by the id of their first tensor. An entry goes when that tensor does.
+_CHECKED: dict[int, _Checked] = {}
+
+
+def _state_storages(
+    torch: Any, moments: list[Any], counts: Sequence[Any], dtype: Any, device: Any
+) -> frozenset[int] | None:
+    """The storages of a rule state's moments, if they and its counts fit the kernel beside
+    parameters of ``dtype`` on ``device``: moments as ``_all_fit`` and in storages of their own,
+    counts int32 tensors. ``None`` if not.
+
+    A step that fuses writes the state's tensors in place and returns them in the new state, so
+    the next step sees the same tensors: they are checked once, and then known by weak reference
+    (touching none of them, which on a large model costs more than the kernel's own reading of
+    their headers). Only in-place changes of their type or layout (``mu.t_()``, ``mu.data = x``)
+    would go unseen, and a state's tensors are not the user's to change: a state with other
+    tensors (``load_state_dict``, ``copy.deepcopy``, a replaced moment) is checked again."""
+    tensors = (*moments, *counts)
+    if not tensors:
+        return None
+    key = id(tensors[0])
+    known = _CHECKED.get(key)
+    if (
+        known is not None
+        and known.dtype is dtype
+        and known.device == device
+        and len(known.refs) == len(tensors)
+        and all(ref() is x for ref, x in zip(known.refs, tensors, strict=True))
+    ):
+        return known.storages
+    if not _all_fit(torch, moments, dtype, device):
+        return None
+    int32 = torch.int32
+    if not all(isinstance(c, torch.Tensor) and c.dtype is int32 for c in counts):
+        return None
+    storages = frozenset(x.untyped_storage().data_ptr() for x in moments)
+    if len(storages) != len(moments):
+        return None
+
+    def forget(_: Any) -> None:
+        _CHECKED.pop(key, None)
+
+    refs = (weakref.ref(tensors[0], forget), *(weakref.ref(x) for x in tensors[1:]))
+    _CHECKED[key] = _Checked(refs, dtype, device, storages)
+    return storages
 
 
 def _steps(counts: list[Any], device: Any) -> list[Any]:
